@@ -1,0 +1,109 @@
+"""Command line: `otel-evaluator <command>`. Only this module exits the process.
+
+Exit codes: 0 success, 1 a check or test found problems, 2 bad usage or invalid configuration, 3 start-up failed
+(a port in use, the DuckDB file locked by another process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+import structlog
+
+from evaluator import __version__
+from evaluator.config import apply_overrides, load_config
+from evaluator.log import LEVELS, configure_logging
+from evaluator.store.store import StoreError
+from evaluator.yamlsrc import InvalidConfig
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the daemon: receive OTLP spans, store them, evaluate rules",
+        description=(
+            "Run the evaluator daemon. With no options it listens for OTLP/gRPC on 127.0.0.1:4317, OTLP/HTTP on "
+            "127.0.0.1:4318 and serves /healthz, /readyz and /metrics on 127.0.0.1:13133, storing spans in "
+            "./evaluator.duckdb. Flags override the config file; a port of 0 picks a free port (the chosen "
+            "ports are logged). SIGTERM or SIGINT stops it gracefully: in-flight exports finish, everything "
+            "is committed and checkpointed, exit code 0."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML config file (see docs/configuration.md)")
+    p.add_argument("--db", metavar="PATH", help="DuckDB file (default ./evaluator.duckdb)")
+    p.add_argument("--grpc-listen", metavar="HOST:PORT", help="OTLP/gRPC address (default 127.0.0.1:4317)")
+    p.add_argument("--http-listen", metavar="HOST:PORT", help="OTLP/HTTP address (default 127.0.0.1:4318)")
+    p.add_argument("--admin-listen", metavar="HOST:PORT", help="admin HTTP address (default 127.0.0.1:13133)")
+    p.add_argument("--log-level", choices=LEVELS, help="default info")
+    p.add_argument("--log-format", choices=("auto", "json", "console"),
+                   help="auto (default): console on a terminal, JSON lines otherwise")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="otel-evaluator",
+        description=(
+            "An OTLP evaluator daemon: stores the payload signals on your spans (data.*, ml.*) in DuckDB and "
+            "judges them with population-level rules across four rungs: freshness, completeness, distribution "
+            "and prediction quality."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"otel-evaluator {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub)
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from evaluator.daemon import Daemon  # heavy imports (grpc, duckdb) only for commands that need them
+
+    try:
+        cfg = apply_overrides(
+            load_config(args.config), db=args.db, grpc_listen=args.grpc_listen, http_listen=args.http_listen,
+            admin_listen=args.admin_listen, log_level=args.log_level, log_format=args.log_format,
+        )
+    except InvalidConfig as exc:
+        configure_logging()
+        print("otel-evaluator: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(cfg.log_level, cfg.log_format)
+    log = structlog.get_logger("otel-evaluator")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon = Daemon(cfg, log=log)
+    try:
+        daemon.start()
+    except (OSError, StoreError) as exc:
+        log.error("start-up failed", error=str(exc))
+        return EXIT_STARTUP
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        daemon.shutdown()
+        log.info("otel-evaluator stopped")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handlers = {"serve": cmd_serve}
+    return handlers[args.command](args)

@@ -1,0 +1,244 @@
+"""Daemon configuration: frozen data with embedded defaults, loaded from YAML with every error reported.
+
+`load_config(path)` returns a Config or raises InvalidConfig listing every problem with file, line and key;
+`apply_overrides` applies the command-line flags (which win over the file). docs/configuration.md is the
+reference and must match this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+from evaluator.admin.server import AdminSettings
+from evaluator.httpbase import split_hostport
+from evaluator.log import LEVELS
+from evaluator.receiver.grpc_server import GrpcSettings
+from evaluator.receiver.http_server import HttpSettings
+from evaluator.receiver.ingest import IngestSettings
+from evaluator.store.store import StoreSettings
+from evaluator.yamlsrc import (
+    InvalidConfig,
+    Node,
+    Problems,
+    check_keys,
+    load_yaml_file,
+    read_bool,
+    read_duration,
+    read_int,
+    read_map,
+    read_str,
+    read_str_list,
+)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def parse_size(value: object) -> int:
+    """64MiB, 500MB, 1048576 -> bytes. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"bad size {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"bad size {value!r}: must not be negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"bad size {value!r}: use bytes or a number with B, KB, MB, GB, KiB, MiB or GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+@dataclass(frozen=True)
+class Config:
+    store: StoreSettings = field(default_factory=StoreSettings)
+    max_group_spans: int = 50_000
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    grpc: GrpcSettings | None = field(default_factory=GrpcSettings)  # None: receiver disabled
+    http: HttpSettings | None = field(default_factory=HttpSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    log_level: str = "info"
+    log_format: str = "auto"
+    shutdown_grace_seconds: float = 10.0
+    source: str = "(embedded defaults)"
+
+
+def _read_size(node: Node | None, key: str, problems: Problems) -> int | None:
+    if node is None:
+        return None
+    try:
+        return parse_size(node.value)
+    except ValueError as exc:
+        problems.add(node, key, str(exc))
+        return None
+
+
+def _read_listen(node: Node | None, key: str, problems: Problems) -> str | None:
+    value = read_str(node, key, problems)
+    if value is None:
+        return None
+    try:
+        split_hostport(value)
+    except ValueError as exc:
+        problems.add(node, key, str(exc))
+        return None
+    return value
+
+
+_T = TypeVar("_T")
+
+
+def _set(obj: _T, **changes: object) -> _T:
+    """dataclasses.replace, skipping values that were absent or invalid (None)."""
+    kept = {k: v for k, v in changes.items() if v is not None}
+    return replace(obj, **kept) if kept else obj  # type: ignore[type-var]
+
+
+def config_from_node(root: Node, problems: Problems) -> Config:
+    cfg = Config(source=root.file)
+    if not root.is_map():
+        problems.add(root, "", "the config file must be a mapping")
+        return cfg
+    check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace"}, problems, "")
+
+    store = read_map(root.get("store"), "store", problems)
+    if store is not None:
+        check_keys(store, {"path", "memory_limit", "threads", "max_group_spans"}, problems, "store")
+        memory = store.get("memory_limit")
+        mem_text = None
+        if memory is not None:
+            size = _read_size(memory, "store.memory_limit", problems)
+            mem_text = f"{size}B" if size is not None else None
+        cfg = replace(cfg, store=_set(
+            cfg.store,
+            path=read_str(store.get("path"), "store.path", problems),
+            memory_limit=mem_text,
+            threads=read_int(store.get("threads"), "store.threads", problems, minimum=1),
+        ))
+        group = read_int(store.get("max_group_spans"), "store.max_group_spans", problems, minimum=1)
+        if group is not None:
+            cfg = replace(cfg, max_group_spans=group)
+
+    rec = read_map(root.get("receivers"), "receivers", problems)
+    if rec is not None:
+        check_keys(rec, {"keep_prefixes", "keep_all_spans", "max_request_size", "inflight_bytes", "retry_after",
+                         "grpc", "http"}, problems, "receivers")
+        prefixes = read_str_list(rec.get("keep_prefixes"), "receivers.keep_prefixes", problems)
+        if prefixes is not None and not prefixes:
+            problems.add(rec.get("keep_prefixes"), "receivers.keep_prefixes",
+                         "must name at least one prefix (use keep_all_spans: true to keep every span)")
+            prefixes = None
+        keep_all = read_bool(rec.get("keep_all_spans"), "receivers.keep_all_spans", problems)
+        ingest = _set(
+            cfg.ingest,
+            keep_prefixes=tuple(prefixes) if prefixes else None,
+            max_request_bytes=_read_size(rec.get("max_request_size"), "receivers.max_request_size", problems),
+            inflight_bytes=_read_size(rec.get("inflight_bytes"), "receivers.inflight_bytes", problems),
+            retry_after_seconds=read_duration(rec.get("retry_after"), "receivers.retry_after", problems),
+        )
+        if keep_all:
+            ingest = replace(ingest, keep_prefixes=None)
+        cfg = replace(cfg, ingest=ingest)
+
+        grpc_node = read_map(rec.get("grpc"), "receivers.grpc", problems)
+        if grpc_node is not None:
+            check_keys(grpc_node, {"enabled", "listen", "max_workers", "max_concurrent_streams"}, problems,
+                       "receivers.grpc")
+            grpc_settings = _set(
+                GrpcSettings(),
+                listen=_read_listen(grpc_node.get("listen"), "receivers.grpc.listen", problems),
+                max_workers=read_int(grpc_node.get("max_workers"), "receivers.grpc.max_workers", problems, 1),
+                max_concurrent_streams=read_int(grpc_node.get("max_concurrent_streams"),
+                                                "receivers.grpc.max_concurrent_streams", problems, 1),
+            )
+            enabled = read_bool(grpc_node.get("enabled"), "receivers.grpc.enabled", problems)
+            cfg = replace(cfg, grpc=None if enabled is False else grpc_settings)
+        http_node = read_map(rec.get("http"), "receivers.http", problems)
+        if http_node is not None:
+            check_keys(http_node, {"enabled", "listen", "max_connections"}, problems, "receivers.http")
+            http_settings = _set(
+                HttpSettings(),
+                listen=_read_listen(http_node.get("listen"), "receivers.http.listen", problems),
+                max_connections=read_int(http_node.get("max_connections"), "receivers.http.max_connections",
+                                         problems, 1),
+            )
+            enabled = read_bool(http_node.get("enabled"), "receivers.http.enabled", problems)
+            cfg = replace(cfg, http=None if enabled is False else http_settings)
+
+    admin = read_map(root.get("admin"), "admin", problems)
+    if admin is not None:
+        check_keys(admin, {"listen"}, problems, "admin")
+        cfg = replace(cfg, admin=_set(cfg.admin, listen=_read_listen(admin.get("listen"), "admin.listen",
+                                                                     problems)))
+
+    log = read_map(root.get("log"), "log", problems)
+    if log is not None:
+        check_keys(log, {"level", "format"}, problems, "log")
+        level = read_str(log.get("level"), "log.level", problems)
+        if level is not None and level not in LEVELS:
+            problems.add(log.get("level"), "log.level", f"must be one of {', '.join(LEVELS)}")
+            level = None
+        fmt = read_str(log.get("format"), "log.format", problems)
+        if fmt is not None and fmt not in ("auto", "json", "console"):
+            problems.add(log.get("format"), "log.format", "must be auto, json or console")
+            fmt = None
+        cfg = replace(cfg, log_level=level or cfg.log_level, log_format=fmt or cfg.log_format)
+
+    grace = read_duration(root.get("shutdown_grace"), "shutdown_grace", problems)
+    if grace is not None:
+        cfg = replace(cfg, shutdown_grace_seconds=grace)
+    return cfg
+
+
+def load_config(path: str | None) -> Config:
+    """Embedded defaults when path is None; otherwise the file over the defaults. Raises InvalidConfig."""
+    if path is None:
+        return Config()
+    problems = Problems()
+    cfg = config_from_node(load_yaml_file(path), problems)
+    if problems:
+        raise InvalidConfig(problems)
+    return cfg
+
+
+def apply_overrides(
+    cfg: Config,
+    *,
+    db: str | None = None,
+    grpc_listen: str | None = None,
+    http_listen: str | None = None,
+    admin_listen: str | None = None,
+    log_level: str | None = None,
+    log_format: str | None = None,
+) -> Config:
+    """Command-line flags over the file. Raises InvalidConfig for a malformed address."""
+    problems = Problems()
+    for flag, value in (("--grpc-listen", grpc_listen), ("--http-listen", http_listen),
+                        ("--admin-listen", admin_listen)):
+        if value is not None:
+            try:
+                split_hostport(value)
+            except ValueError as exc:
+                problems.add(None, flag, str(exc), file="command line")
+    if problems:
+        raise InvalidConfig(problems)
+    if db is not None:
+        cfg = replace(cfg, store=replace(cfg.store, path=db))
+    if grpc_listen is not None:
+        cfg = replace(cfg, grpc=replace(cfg.grpc or GrpcSettings(), listen=grpc_listen))
+    if http_listen is not None:
+        cfg = replace(cfg, http=replace(cfg.http or HttpSettings(), listen=http_listen))
+    if admin_listen is not None:
+        cfg = replace(cfg, admin=replace(cfg.admin, listen=admin_listen))
+    if log_level is not None:
+        cfg = replace(cfg, log_level=log_level)
+    if log_format is not None:
+        cfg = replace(cfg, log_format=log_format)
+    return cfg
+
+
+def describe(cfg: Config) -> dict[str, object]:
+    """The effective configuration as plain data (logged at start-up)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,104 @@
+"""The daemon: builds the components from a Config and starts and stops them in dependency order.
+
+Downstream parts start first and stop last (store -> writer -> receivers/admin); on shutdown the receivers stop
+accepting and finish their in-flight exports while the writer still commits, then the writer drains, then the
+store checkpoints and closes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import replace
+
+import structlog
+
+from evaluator.admin.server import AdminServer
+from evaluator.clock import Clock, SystemClock
+from evaluator.config import Config
+from evaluator.receiver.grpc_server import GrpcReceiver
+from evaluator.receiver.http_server import HttpReceiver
+from evaluator.receiver.ingest import Ingestor
+from evaluator.store.store import Store
+from evaluator.store.writer import SpanWriter
+from evaluator.telemetry import Telemetry
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        telemetry: Telemetry | None = None,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.telemetry = telemetry or Telemetry()
+        self.log = log or structlog.get_logger("daemon")
+        self.store = Store(config.store, log=self.log.bind(component="store"))
+        self.writer = SpanWriter(self.store, self.telemetry, max_group_spans=config.max_group_spans,
+                                 log=self.log.bind(component="writer"))
+        self.ingestor = Ingestor(self.writer, self.telemetry, self.clock, config.ingest,
+                                 log=self.log.bind(component="ingest"))
+        self.grpc = (
+            GrpcReceiver(self.ingestor, replace(config.grpc, max_receive_bytes=config.ingest.max_request_bytes),
+                         log=self.log.bind(component="grpc"))
+            if config.grpc else None
+        )
+        self.http = (HttpReceiver(self.ingestor, config.http, log=self.log.bind(component="http"))
+                     if config.http else None)
+        self.admin = AdminServer(config.admin, self.telemetry, self._not_ready_reason,
+                                 log=self.log.bind(component="admin"))
+        self._ready = False
+        self._lock = threading.Lock()
+        size = self.telemetry.gauge("store_size_bytes", "Bytes of the DuckDB file and its WAL.")
+        self.telemetry.add_collector(lambda: size.set(self.store.size_bytes()))
+
+    def _not_ready_reason(self) -> str | None:
+        if not self._ready:
+            return "starting or stopping"
+        if not self.store.running:
+            return "store closed"
+        return None
+
+    def start(self) -> None:
+        """Start everything or, if a part fails, stop what started and raise."""
+        with self._lock:
+            try:
+                self.store.start()
+                self.writer.start()
+                self.admin.start()
+                if self.grpc:
+                    self.grpc.start()
+                if self.http:
+                    self.http.start()
+            except BaseException:
+                self._stop_all()
+                raise
+            self._ready = True
+            self.log.info(
+                "otel-evaluator started", pid=os.getpid(), db=self.config.store.path, config=self.config.source,
+                grpc_port=self.grpc.port if self.grpc else None, http_port=self.http.port if self.http else None,
+                admin_port=self.admin.port, keep_prefixes=self.config.ingest.keep_prefixes,
+            )
+
+    def shutdown(self) -> None:
+        """Stop accepting, finish in-flight exports, commit, checkpoint. Idempotent; safe before start."""
+        with self._lock:
+            if self._ready:
+                self.log.info("otel-evaluator stopping")
+            self._stop_all()
+
+    def _stop_all(self) -> None:
+        self._ready = False
+        grace = self.config.shutdown_grace_seconds
+        if self.grpc:
+            self.grpc.stop_accepting()
+        for receiver in (self.grpc, self.http):
+            if receiver is not None:
+                receiver.shutdown(grace)
+        self.writer.shutdown()
+        self.admin.shutdown(1.0)
+        self.store.shutdown()

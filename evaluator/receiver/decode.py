@@ -1,0 +1,266 @@
+"""OTLP ExportTraceServiceRequest -> SpanBatch: pure translation, no I/O.
+
+This is the ingest hot path. It walks the protobuf once, keeps spans that carry at least one attribute under the
+configured prefixes, validates them, and appends their fields to flat column lists that become Arrow arrays in
+the store. Everything per attribute is a handful of C-level calls; nothing allocates a dict per span.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+
+class DecodeError(ValueError):
+    """The request bytes are not a valid ExportTraceServiceRequest (the whole request is refused)."""
+
+
+_ZERO_TRACE = bytes(16)
+_ZERO_SPAN = bytes(8)
+_MAX_REASONS = 5  # how many rejected spans the partial_success message names
+
+
+@dataclass
+class SpanBatch:
+    """Columns of the spans and their attributes, ready for a columnar insert.
+
+    `*_span` columns index into the span columns (0..len-1); the store turns them into span keys.
+    Times are microseconds since the Unix epoch (UTC).
+    """
+
+    trace_id: list[str] = field(default_factory=list)
+    span_id: list[str] = field(default_factory=list)
+    parent_span_id: list[str | None] = field(default_factory=list)
+    name: list[str] = field(default_factory=list)
+    kind: list[int] = field(default_factory=list)
+    start_us: list[int] = field(default_factory=list)
+    end_us: list[int] = field(default_factory=list)
+    status_code: list[int] = field(default_factory=list)
+    status_message: list[str | None] = field(default_factory=list)
+    service_name: list[str | None] = field(default_factory=list)
+    scope_name: list[str | None] = field(default_factory=list)
+    resource_attributes: list[str] = field(default_factory=list)
+    # numeric attributes (int, double, bool as 0/1)
+    num_span: list[int] = field(default_factory=list)
+    num_key: list[str] = field(default_factory=list)
+    num_value: list[float] = field(default_factory=list)
+    # string attributes (also bytes as hex and kvlists as JSON text)
+    str_span: list[int] = field(default_factory=list)
+    str_key: list[str] = field(default_factory=list)
+    str_value: list[str] = field(default_factory=list)
+    # array attributes: numbers (doubles/ints/bools) or strings
+    arr_span: list[int] = field(default_factory=list)
+    arr_key: list[str] = field(default_factory=list)
+    arr_numbers: list[list[float] | None] = field(default_factory=list)
+    arr_strings: list[list[str] | None] = field(default_factory=list)
+    encoded_bytes: int = 0  # size of the request this came from, for the in-flight byte budget
+
+    def __len__(self) -> int:
+        return len(self.trace_id)
+
+    def extend(self, other: SpanBatch) -> None:
+        """Append another batch (group commit merges the batches of several requests)."""
+        offset = len(self)
+        for name in _SPAN_COLUMNS:
+            getattr(self, name).extend(getattr(other, name))
+        for col in ("num_span", "str_span", "arr_span"):
+            getattr(self, col).extend(i + offset for i in getattr(other, col))
+        for name in _ATTR_COLUMNS:
+            getattr(self, name).extend(getattr(other, name))
+        self.encoded_bytes += other.encoded_bytes
+
+
+_SPAN_COLUMNS = (
+    "trace_id", "span_id", "parent_span_id", "name", "kind", "start_us", "end_us", "status_code",
+    "status_message", "service_name", "scope_name", "resource_attributes",
+)
+_ATTR_COLUMNS = ("num_key", "num_value", "str_key", "str_value", "arr_key", "arr_numbers", "arr_strings")
+
+
+@dataclass
+class DecodeResult:
+    batch: SpanBatch
+    received: int = 0  # spans in the request
+    dropped: int = 0  # spans without a signal attribute (not an error; counted)
+    rejected: int = 0  # invalid spans, reported through partial_success
+    reasons: list[str] = field(default_factory=list)
+
+    def error_message(self) -> str:
+        if not self.rejected:
+            return ""
+        shown = "; ".join(self.reasons[:_MAX_REASONS])
+        more = f"; and {self.rejected - _MAX_REASONS} more" if self.rejected > _MAX_REASONS else ""
+        return f"rejected {self.rejected} of {self.received} spans: {shown}{more}"
+
+
+def _any_to_json(v: Any) -> Any:
+    """An AnyValue as plain JSON data (used for the rare kvlist/array-of-mixed values and resources)."""
+    which = v.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return [_any_to_json(x) for x in v.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: _any_to_json(kv.value) for kv in v.kvlist_value.values}
+    if which == "bytes_value":
+        return v.bytes_value.hex()
+    if which == "double_value":
+        d = v.double_value
+        return d if math.isfinite(d) else str(d)
+    return getattr(v, which)
+
+
+def _resource_fields(resource: Any) -> tuple[str | None, str]:
+    attrs = {kv.key: _any_to_json(kv.value) for kv in resource.attributes}
+    service = attrs.get("service.name")
+    return (service if isinstance(service, str) else None), json.dumps(attrs, separators=(",", ":"))
+
+
+def decode_request(
+    request: ExportTraceServiceRequest,
+    prefixes: tuple[str, ...] | None,
+) -> DecodeResult:
+    """Flatten a request into a SpanBatch.
+
+    prefixes: keep spans with at least one attribute key starting with one of these; None keeps every span.
+    """
+    batch = SpanBatch()
+    result = DecodeResult(batch)
+    # Local aliases: attribute lookups on the batch would otherwise dominate the loop.
+    trace_ids, span_ids, parents, names = batch.trace_id, batch.span_id, batch.parent_span_id, batch.name
+    kinds, starts, ends = batch.kind, batch.start_us, batch.end_us
+    status_codes, status_msgs = batch.status_code, batch.status_message
+    services, scopes, resources = batch.service_name, batch.scope_name, batch.resource_attributes
+    num_span, num_key, num_value = batch.num_span, batch.num_key, batch.num_value
+    str_span, str_key, str_value = batch.str_span, batch.str_key, batch.str_value
+    arr_span, arr_key, arr_numbers, arr_strings = batch.arr_span, batch.arr_key, batch.arr_numbers, batch.arr_strings
+    isfinite = math.isfinite
+    keep_all = prefixes is None
+    pfx = prefixes or ()
+    received = dropped = 0
+    reasons = result.reasons
+    rejected = 0
+
+    for rs in request.resource_spans:
+        service: str | None = None
+        res_json = "{}"
+        res_done = False
+        for ss in rs.scope_spans:
+            scope = ss.scope.name or None
+            for sp in ss.spans:
+                received += 1
+                idx = len(trace_ids)
+                n0, s0, a0 = len(num_key), len(str_key), len(arr_key)
+                keep = keep_all
+                bad: str | None = None
+                for kv in sp.attributes:
+                    key = kv.key
+                    if not keep and key.startswith(pfx):
+                        keep = True
+                    v = kv.value
+                    which = v.WhichOneof("value")
+                    if which == "string_value":
+                        str_span.append(idx)
+                        str_key.append(key)
+                        str_value.append(v.string_value)
+                    elif which == "double_value":
+                        d = v.double_value
+                        if not isfinite(d):
+                            bad = f"attribute {key} is not a finite number ({d})"
+                        num_span.append(idx)
+                        num_key.append(key)
+                        num_value.append(d)
+                    elif which == "int_value":
+                        num_span.append(idx)
+                        num_key.append(key)
+                        num_value.append(float(v.int_value))
+                    elif which == "bool_value":
+                        num_span.append(idx)
+                        num_key.append(key)
+                        num_value.append(1.0 if v.bool_value else 0.0)
+                    elif which == "array_value":
+                        bad = _append_array(v.array_value.values, key, idx, arr_span, arr_key, arr_numbers,
+                                            arr_strings) or bad
+                    elif which is not None:  # bytes or kvlist: kept as text
+                        val = _any_to_json(v)
+                        str_span.append(idx)
+                        str_key.append(key)
+                        str_value.append(val if isinstance(val, str) else json.dumps(val, separators=(",", ":")))
+                if not keep:
+                    dropped += 1
+                    del num_span[n0:], num_key[n0:], num_value[n0:]
+                    del str_span[s0:], str_key[s0:], str_value[s0:]
+                    del arr_span[a0:], arr_key[a0:], arr_numbers[a0:], arr_strings[a0:]
+                    continue
+                tid, sid, pid = sp.trace_id, sp.span_id, sp.parent_span_id
+                start, end = sp.start_time_unix_nano, sp.end_time_unix_nano
+                if len(tid) != 16 or tid == _ZERO_TRACE:
+                    bad = f"trace_id must be 16 bytes and not all zero (got {len(tid)} bytes)"
+                elif len(sid) != 8 or sid == _ZERO_SPAN:
+                    bad = f"span_id must be 8 bytes and not all zero (got {len(sid)} bytes)"
+                elif pid and len(pid) != 8:
+                    bad = f"parent_span_id must be empty or 8 bytes (got {len(pid)} bytes)"
+                elif start == 0:
+                    bad = "start_time_unix_nano is missing"
+                elif end < start:
+                    bad = "end_time_unix_nano is before start_time_unix_nano"
+                if bad is not None:
+                    rejected += 1
+                    if len(reasons) < _MAX_REASONS:
+                        reasons.append(f"span {sid.hex() or '<empty>'} ({sp.name!r}): {bad}")
+                    del num_span[n0:], num_key[n0:], num_value[n0:]
+                    del str_span[s0:], str_key[s0:], str_value[s0:]
+                    del arr_span[a0:], arr_key[a0:], arr_numbers[a0:], arr_strings[a0:]
+                    continue
+                if not res_done:
+                    service, res_json = _resource_fields(rs.resource)
+                    res_done = True
+                trace_ids.append(tid.hex())
+                span_ids.append(sid.hex())
+                parents.append(pid.hex() if pid else None)
+                names.append(sp.name)
+                kinds.append(sp.kind)
+                starts.append(start // 1000)
+                ends.append(end // 1000)
+                st = sp.status
+                status_codes.append(st.code)
+                status_msgs.append(st.message or None)
+                services.append(service)
+                scopes.append(scope)
+                resources.append(res_json)
+    result.received = received
+    result.dropped = dropped
+    result.rejected = rejected
+    return result
+
+
+def _append_array(
+    values: Any,
+    key: str,
+    idx: int,
+    arr_span: list[int],
+    arr_key: list[str],
+    arr_numbers: list[list[float] | None],
+    arr_strings: list[list[str] | None],
+) -> str | None:
+    """Append one array attribute; returns why the span is invalid, or None."""
+    kinds = {x.WhichOneof("value") for x in values}
+    arr_span.append(idx)
+    arr_key.append(key)
+    if kinds <= {"double_value", "int_value", "bool_value"}:
+        nums = [float(getattr(x, x.WhichOneof("value"))) for x in values]
+        arr_numbers.append(nums)
+        arr_strings.append(None)
+        if not all(math.isfinite(n) for n in nums):
+            return f"attribute {key} holds a non-finite number"
+        return None
+    arr_numbers.append(None)
+    arr_strings.append([
+        x.string_value if x.WhichOneof("value") == "string_value" else json.dumps(_any_to_json(x))
+        for x in values
+    ])
+    return None

@@ -1,0 +1,153 @@
+"""One ingest path for both transports: size check -> admission -> decode -> group commit -> answer.
+
+The gRPC and HTTP servers only move bytes and map `Refused` to their wire answers (errors.py); everything that
+decides what happens to a request is here, so both transports behave the same and are counted the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import structlog
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from evaluator.clock import Clock
+from evaluator.receiver.decode import DecodeError, DecodeResult, decode_request
+from evaluator.receiver.errors import Refusal, Refused
+from evaluator.receiver.fastdecode import decode_bytes
+from evaluator.store.writer import SpanWriter, WriterClosed
+from evaluator.telemetry import Telemetry
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    keep_prefixes: tuple[str, ...] | None = ("data.", "ml.")  # None keeps every span
+    max_request_bytes: int = 64 * 1024 * 1024  # after decompression
+    inflight_bytes: int = 128 * 1024 * 1024  # wire bytes admitted and not yet committed
+    retry_after_seconds: float = 1.0
+    commit_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    rejected: int
+    message: str  # empty on full success (partial_success stays unset)
+
+
+class ByteBudget:
+    """Bounds the bytes of requests between admission and commit. A request larger than the whole budget is
+    admitted only when nothing else is in flight, so a big (but allowed) request still gets through."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self, n: int) -> bool:
+        with self._lock:
+            if self._used and self._used + n > self.limit:
+                return False
+            self._used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self._used -= n
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return self._used
+
+
+class Ingestor:
+    def __init__(
+        self,
+        writer: SpanWriter,
+        telemetry: Telemetry,
+        clock: Clock,
+        settings: IngestSettings,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self._writer = writer
+        self._clock = clock
+        self.settings = settings
+        self._log = log or structlog.get_logger("ingest")
+        self.budget = ByteBudget(settings.inflight_bytes)
+        self._received = telemetry.counter("spans_received_total", "Spans in accepted requests.", ("transport",))
+        self._dropped = telemetry.counter(
+            "spans_dropped_total", "Spans not stored because they carry no signal attribute.", ("reason",))
+        self._rejected = telemetry.counter(
+            "spans_rejected_total", "Invalid spans refused individually (partial_success).", ("transport",))
+        self._refused = telemetry.counter(
+            "requests_refused_total", "Whole requests refused, by reason.", ("transport", "reason"))
+        self._refused_spans = telemetry.counter(
+            "spans_refused_total", "Spans in requests refused whole (when the request could be decoded).",
+            ("transport", "reason"))
+        inflight = telemetry.gauge("inflight_bytes", "Request bytes admitted and not yet committed.")
+        telemetry.add_collector(lambda: inflight.set(self.budget.used))
+
+    # -- entry points ----------------------------------------------------------------------------------------
+    def export_protobuf(self, data: bytes, transport: str) -> IngestResult:
+        """A serialized ExportTraceServiceRequest (already decompressed)."""
+        self._check_size(len(data), transport)
+        return self._admitted(len(data), transport, lambda: decode_bytes(data, self.settings.keep_prefixes))
+
+    def export_message(self, request: ExportTraceServiceRequest, size: int, transport: str) -> IngestResult:
+        """An already parsed request (the OTLP/JSON path); size is the body size for the byte budget."""
+        self._check_size(size, transport)
+        return self._admitted(size, transport, lambda: decode_request(request, self.settings.keep_prefixes))
+
+    def refuse(self, kind: Refusal, message: str, transport: str) -> Refused:
+        """Count a refusal decided by a transport (e.g. an unsupported content type) and return it to raise."""
+        self._refused.inc(transport=transport, reason=kind.reason)
+        return Refused(kind, message, self.settings.retry_after_seconds if kind.retryable else None)
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _check_size(self, size: int, transport: str) -> None:
+        limit = self.settings.max_request_bytes
+        if size > limit:
+            raise self.refuse(Refusal.TOO_LARGE, f"request is {size} bytes, over the limit of {limit} bytes",
+                              transport)
+
+    def _admitted(self, size: int, transport: str, decode: Callable[[], DecodeResult]) -> IngestResult:
+        if not self.budget.try_acquire(size):
+            raise self.refuse(
+                Refusal.OVERLOADED,
+                f"overloaded: {self.budget.used} request bytes in flight (limit {self.budget.limit}); retry later",
+                transport,
+            )
+        try:
+            try:
+                result: DecodeResult = decode()
+            except DecodeError as exc:
+                raise self.refuse(Refusal.UNDECODABLE, f"cannot decode ExportTraceServiceRequest: {exc}",
+                                  transport) from None
+            batch = result.batch
+            if len(batch):
+                try:
+                    future = self._writer.submit(batch, int(self._clock.now() * 1_000_000))
+                    future.result(timeout=self.settings.commit_timeout_seconds)
+                except WriterClosed:
+                    self._refused_spans.inc(result.received, transport=transport, reason="shutting_down")
+                    raise self.refuse(Refusal.SHUTTING_DOWN, "the evaluator is shutting down; retry later",
+                                      transport) from None
+                except FutureTimeout:
+                    self._refused_spans.inc(result.received, transport=transport, reason="store_failed")
+                    raise self.refuse(Refusal.STORE_FAILED, "the store did not commit in time; retry later",
+                                      transport) from None
+                except Exception as exc:  # a failed commit: nothing of this request is stored
+                    self._refused_spans.inc(result.received, transport=transport, reason="store_failed")
+                    raise self.refuse(Refusal.STORE_FAILED, f"the store could not commit: {exc}; retry later",
+                                      transport) from None
+        finally:
+            self.budget.release(size)
+        self._received.inc(result.received, transport=transport)
+        if result.dropped:
+            self._dropped.inc(result.dropped, reason="no_signal_attribute")
+        if result.rejected:
+            self._rejected.inc(result.rejected, transport=transport)
+        return IngestResult(result.rejected, result.error_message())

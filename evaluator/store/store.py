@@ -1,0 +1,125 @@
+"""The one module that owns the DuckDB file: one connection, a cursor per thread, schema set-up and migration.
+
+DuckDB allows a single writing process per file, so the daemon opens it once and hands cursors to its threads
+(the span writer, rule groups, the query endpoint). Cursors share the database instance and see each other's
+commits (MVCC); only the span writer writes spans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+
+import duckdb
+import structlog
+
+from evaluator.store.schema import DDL, SCHEMA_VERSION
+
+
+class StoreError(Exception):
+    """The store could not be opened or set up (locked by another process, unreadable, too new)."""
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    path: str = "./evaluator.duckdb"
+    memory_limit: str | None = None  # DuckDB syntax, e.g. "1GB"; None keeps DuckDB's default (80% of RAM)
+    threads: int | None = None  # None keeps DuckDB's default (one per core)
+
+
+class Store:
+    def __init__(self, settings: StoreSettings, log: structlog.typing.FilteringBoundLogger | None = None) -> None:
+        self.settings = settings
+        self._log = log or structlog.get_logger("store")
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._con is not None:
+                return
+            path = self.settings.path
+            if path != ":memory:":
+                parent = os.path.dirname(os.path.abspath(path))
+                try:
+                    os.makedirs(parent, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(f"cannot create the folder for {path}: {exc.strerror}") from None
+            config: dict[str, str | bool | int | float | list[str]] = {}
+            if self.settings.memory_limit:
+                config["memory_limit"] = self.settings.memory_limit
+            if self.settings.threads:
+                config["threads"] = self.settings.threads
+            try:
+                con = duckdb.connect(path, config=config)
+            except duckdb.Error as exc:
+                raise StoreError(f"cannot open DuckDB file {path}: {exc}") from None
+            try:
+                self._migrate(con)
+            except Exception:
+                con.close()
+                raise
+            self._con = con
+            self._log.info("store opened", path=path, duckdb=duckdb.__version__)
+
+    def shutdown(self) -> None:
+        """Checkpoint (fold the WAL into the file) and close. Idempotent."""
+        with self._lock:
+            con, self._con = self._con, None
+        if con is None:
+            return
+        try:
+            con.execute("CHECKPOINT")
+        except duckdb.Error as exc:  # the WAL still holds everything; the next open replays it
+            self._log.warning("checkpoint at shutdown failed", error=str(exc))
+        con.close()
+        self._log.info("store closed", path=self.settings.path)
+
+    @property
+    def running(self) -> bool:
+        return self._con is not None
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new cursor for the calling thread; close it when done. DuckDB cursors are not thread-safe."""
+        con = self._con
+        if con is None:
+            raise StoreError("store is not open")
+        return con.cursor()
+
+    def checkpoint(self) -> None:
+        cur = self.cursor()
+        try:
+            cur.execute("CHECKPOINT")
+        finally:
+            cur.close()
+
+    def size_bytes(self) -> int:
+        """Bytes on disk: the database file plus its write-ahead log."""
+        total = 0
+        for p in (self.settings.path, self.settings.path + ".wal"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(p)
+        return total
+
+    # -- schema ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("BEGIN")
+        try:
+            for stmt in DDL:
+                con.execute(stmt)
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the file has schema version {row[0]}, newer than this otel-evaluator understands "
+                    f"({SCHEMA_VERSION}); upgrade otel-evaluator"
+                )
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
