@@ -43,7 +43,9 @@ class Daemon:
         self.ingestor = Ingestor(self.writer, self.telemetry, self.clock, config.ingest,
                                  log=self.log.bind(component="ingest"))
         self.grpc = (
-            GrpcReceiver(self.ingestor, replace(config.grpc, max_receive_bytes=config.ingest.max_request_bytes),
+            # gRPC core refuses messages over its own limit before our handler runs, uncounted; at twice our
+            # limit, every realistic oversize request reaches the ingestor, which answers and counts it.
+            GrpcReceiver(self.ingestor, replace(config.grpc, max_receive_bytes=2 * config.ingest.max_request_bytes),
                          log=self.log.bind(component="grpc"))
             if config.grpc else None
         )
