@@ -27,7 +27,7 @@ def make_request(spans: int, seed: int, now_ns: int | None = None) -> ExportTrac
         sp.name = "model.predict"
         sp.kind = Span.SPAN_KIND_SERVER
         sp.start_time_unix_nano = now_ns + i * 1000
-        sp.end_time_unix_nano = now_ns + i * 1000 + 500_000
+        sp.end_time_unix_nano = now_ns + i * 1000 + 499_999
         a = sp.attributes
         a.append(KeyValue(key="ml.score", value=AnyValue(double_value=(i % 997) / 997.0)))
         a.append(KeyValue(key="ml.feature.amount", value=AnyValue(double_value=1000.0 + i)))

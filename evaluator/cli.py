@@ -9,18 +9,18 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 import structlog
 
 from evaluator import __version__
-from evaluator.config import apply_overrides, load_config
 from evaluator.log import LEVELS, configure_logging
-from evaluator.store.store import StoreError
-from evaluator.yamlsrc import InvalidConfig
+
+# Keep the imports above light: importing numpy, grpc or pyarrow starts threads, and `serve` must block its
+# stop signals before any thread exists. Heavy modules are imported inside the commands.
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from evaluator.daemon import Daemon  # heavy imports (grpc, duckdb) only for commands that need them
+    # Signals are taken synchronously with sigwait on this thread, never by an asynchronous handler: a handler
+    # runs between two bytecodes of whatever the main thread is doing, and one that logs or sets an Event can
+    # deadlock on a lock the interrupted code holds (seen: SIGTERM during the "started" log line hung the
+    # daemon). They are blocked before anything starts a thread (importing grpc does), so every thread
+    # inherits the mask and none takes the default action.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    from evaluator.config import apply_overrides, load_config
+    from evaluator.daemon import Daemon
+    from evaluator.store.store import StoreError
+    from evaluator.yamlsrc import InvalidConfig
 
     try:
         cfg = apply_overrides(
@@ -76,14 +85,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     configure_logging(cfg.log_level, cfg.log_format)
     log = structlog.get_logger("otel-evaluator")
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal received", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     daemon = Daemon(cfg, log=log)
     try:
         daemon.start()
@@ -91,8 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("start-up failed", error=str(exc))
         return EXIT_STARTUP
     try:
-        while not stop.wait(0.5):
-            pass
+        received = signal.sigwait(_STOP_SIGNALS)
+        log.info("signal received", signal=signal.Signals(received).name)
     finally:
         daemon.shutdown()
         log.info("otel-evaluator stopped")

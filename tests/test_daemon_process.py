@@ -202,3 +202,19 @@ def test_help_explains_the_defaults() -> None:
     assert result.returncode == 0
     for text in ("127.0.0.1:4317", "127.0.0.1:4318", "13133", "evaluator.duckdb", "SIGTERM"):
         assert text in result.stdout
+
+
+def test_importing_the_cli_starts_no_thread() -> None:
+    """`serve` blocks its stop signals before any thread exists; that needs a thread-free import of the CLI
+    (a thread that predates the mask takes SIGTERM with the default action: killed, no graceful stop)."""
+    code = "import os, evaluator.cli; print(len(os.listdir('/proc/self/task')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "1", result.stderr
+
+
+def test_sigterm_the_moment_start_is_logged(tmp_path: Path) -> None:
+    """SIGTERM while the daemon is still writing its start-up log line stops it gracefully (no deadlock)."""
+    for i in range(5):
+        with daemon_process(["--db", str(tmp_path / f"ev{i}.duckdb"), *PORTS]) as proc:
+            assert proc.stop(signal.SIGTERM, timeout=30) == 0
+        assert any("otel-evaluator stopped" in line for line in proc.lines)

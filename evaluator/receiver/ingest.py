@@ -15,6 +15,7 @@ import structlog
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from evaluator.clock import Clock
+from evaluator.receiver.columns import columns_from_batch
 from evaluator.receiver.decode import DecodeError, DecodeResult, decode_request
 from evaluator.receiver.errors import Refusal, Refused
 from evaluator.receiver.fastdecode import decode_bytes
@@ -126,10 +127,10 @@ class Ingestor:
             except DecodeError as exc:
                 raise self.refuse(Refusal.UNDECODABLE, f"cannot decode ExportTraceServiceRequest: {exc}",
                                   transport) from None
-            batch = result.batch
-            if len(batch):
+            if len(result.batch):
+                columns = columns_from_batch(result.batch)
                 try:
-                    future = self._writer.submit(batch, int(self._clock.now() * 1_000_000))
+                    future = self._writer.submit(columns, int(self._clock.now() * 1_000_000))
                     future.result(timeout=self.settings.commit_timeout_seconds)
                 except WriterClosed:
                     self._refused_spans.inc(result.received, transport=transport, reason="shutting_down")

@@ -21,60 +21,16 @@ import time
 from concurrent.futures import Future
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import structlog
 
-from evaluator.receiver.decode import SpanBatch
+from evaluator.receiver.columns import SpanColumns
 from evaluator.store.store import Store
 from evaluator.telemetry import Telemetry
 
 
 class WriterClosed(Exception):
     """The writer is shutting down or stopped; the request was not stored (retryable)."""
-
-
-_TS = pa.timestamp("us")
-
-
-def batch_to_arrow(batch: SpanBatch, base_key: int, received_us: int) -> dict[str, pa.Table]:
-    """Arrow tables for the four span tables; span keys are base_key + position in the batch."""
-    n = len(batch)
-    keys = np.arange(base_key, base_key + n, dtype=np.int64)
-    end = pa.array(batch.end_us, _TS)
-    end_np = np.asarray(batch.end_us, dtype=np.int64)
-
-    def long_rows(span_idx: list[int]) -> tuple[np.ndarray, pa.Array]:
-        idx = np.asarray(span_idx, dtype=np.int64)
-        return keys[idx] if n else idx, pa.array(end_np[idx] if n else idx, _TS)
-
-    spans = pa.table({
-        "span_key": keys,
-        "trace_id": pa.array(batch.trace_id, pa.string()),
-        "span_id": pa.array(batch.span_id, pa.string()),
-        "parent_span_id": pa.array(batch.parent_span_id, pa.string()),
-        "name": pa.array(batch.name, pa.string()),
-        "kind": pa.array(batch.kind, pa.uint8()),
-        "start_time": pa.array(batch.start_us, _TS),
-        "end_time": end,
-        "status_code": pa.array(batch.status_code, pa.uint8()),
-        "status_message": pa.array(batch.status_message, pa.string()),
-        "service_name": pa.array(batch.service_name, pa.string()),
-        "scope_name": pa.array(batch.scope_name, pa.string()),
-        "resource_attributes": pa.array(batch.resource_attributes, pa.string()),
-        "received_at": pa.array(np.full(n, received_us, dtype=np.int64), _TS),
-    })
-    nk, nt = long_rows(batch.num_span)
-    numbers = pa.table({"span_key": nk, "time": nt, "key": pa.array(batch.num_key, pa.string()),
-                        "value": pa.array(batch.num_value, pa.float64())})
-    sk, st = long_rows(batch.str_span)
-    strings = pa.table({"span_key": sk, "time": st, "key": pa.array(batch.str_key, pa.string()),
-                        "value": pa.array(batch.str_value, pa.string())})
-    ak, at = long_rows(batch.arr_span)
-    arrays = pa.table({"span_key": ak, "time": at, "key": pa.array(batch.arr_key, pa.string()),
-                       "numbers": pa.array(batch.arr_numbers, pa.list_(pa.float64())),
-                       "strings": pa.array(batch.arr_strings, pa.list_(pa.string()))})
-    return {"spans": spans, "span_numbers": numbers, "span_strings": strings, "span_arrays": arrays}
 
 
 _INSERT_SPANS = """
@@ -93,7 +49,7 @@ RETURNING span_key
 class _Item:
     __slots__ = ("batch", "future", "received_us")
 
-    def __init__(self, batch: SpanBatch, received_us: int) -> None:
+    def __init__(self, batch: SpanColumns, received_us: int) -> None:
         self.batch = batch
         self.received_us = received_us
         self.future: Future[None] = Future()
@@ -150,7 +106,7 @@ class SpanWriter:
         if thread.is_alive():
             self._log.error("span writer did not stop in time", timeout=timeout)
 
-    def submit(self, batch: SpanBatch, received_us: int) -> Future[None]:
+    def submit(self, batch: SpanColumns, received_us: int) -> Future[None]:
         item = _Item(batch, received_us)
         with self._state_lock:
             if not self._accepting:
@@ -191,9 +147,9 @@ class SpanWriter:
         for item in group:
             b = item.batch
             if len(b):
-                for name, table in batch_to_arrow(b, base, item.received_us).items():
+                for name, table in b.keyed(base, item.received_us).items():
                     parts[name].append(table)
-                blo, bhi = min(b.start_us), max(b.start_us)
+                blo, bhi = b.start_range
                 lo = blo if lo is None else min(lo, blo)
                 hi = bhi if hi is None else max(hi, bhi)
             base += len(b)
