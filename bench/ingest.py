@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.payload import make_request  # noqa: E402
+from bench.payload import make_request
 
 SPANS_PER_REQUEST = 1000
 

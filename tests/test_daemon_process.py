@@ -15,12 +15,12 @@ from typing import Any
 import duckdb
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-
 from conftest import TRACE_EXPORT
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from spans import request, span
+
 from evaluator.daemon import Daemon
 from evaluator.testing import DaemonProcess, daemon_process, loopback_config
-from spans import request, span
 
 PORTS = ["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
 

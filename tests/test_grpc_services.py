@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import grpc
+from conftest import RunningDaemon
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import RunningDaemon
 from evaluator.receiver.grpc_server import TRACE_SERVICE
 
 

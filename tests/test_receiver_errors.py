@@ -13,16 +13,16 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import RunningDaemon
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-from conftest import RunningDaemon
-from evaluator.receiver.ingest import IngestSettings
 from spans import T0, request, span
+
+from evaluator.receiver.ingest import IngestSettings
 
 
 def _post(url: str, body: bytes, content_type: str = "application/x-protobuf",
