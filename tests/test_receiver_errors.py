@@ -272,3 +272,13 @@ def test_concurrent_load_with_small_budget_stays_bounded_and_loses_nothing(make_
     assert not errors
     assert d.sql("SELECT count(*) FROM spans") == [(500 * len(seeds),)]
     assert d.daemon.ingestor.budget.used == 0
+
+
+def test_out_of_range_enums_are_stored_not_fatal(daemon: RunningDaemon) -> None:
+    """Span kind and status code are open enums on the wire: unknown values are stored as they came."""
+    s = span(attrs={"data.row_count": 1})
+    s.kind = 99  # type: ignore[assignment]
+    s.status.code = 7  # type: ignore[assignment]
+    response = daemon.export(request(s))
+    assert not response.HasField("partial_success")
+    assert daemon.sql("SELECT kind, status_code FROM spans") == [(99, 7)]
