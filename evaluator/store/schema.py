@@ -8,7 +8,7 @@ SCHEMA_VERSION with a migration in `store.py`.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 DDL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS meta (
@@ -50,6 +50,60 @@ DDL: tuple[str, ...] = (
         numbers DOUBLE[],
         strings VARCHAR[]
     )""",
+    # -- rules: the current state per rule and series, every transition, and each rule's health ----------------
+    """CREATE TABLE IF NOT EXISTS alert_state (
+        rule_id VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL,
+        series JSON NOT NULL,
+        state VARCHAR NOT NULL,
+        value DOUBLE,
+        threshold JSON,
+        detail VARCHAR,
+        active_at TIMESTAMP,
+        fired_at TIMESTAMP,
+        resolved_at TIMESTAMP,
+        last_violation_at TIMESTAMP,
+        consecutive_violations INTEGER NOT NULL,
+        last_run_at TIMESTAMP,
+        last_run_key BIGINT,
+        last_eval_at TIMESTAMP,
+        violating_spans STRUCT(trace_id VARCHAR, span_id VARCHAR)[],
+        PRIMARY KEY (rule_id, series)
+    )""",
+    """CREATE SEQUENCE IF NOT EXISTS alerts_seq""",
+    """CREATE TABLE IF NOT EXISTS alerts (
+        seq BIGINT NOT NULL DEFAULT nextval('alerts_seq'),
+        evaluated_at TIMESTAMP NOT NULL,
+        rule_id VARCHAR NOT NULL,
+        alert_name VARCHAR NOT NULL,
+        group_name VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        rung VARCHAR NOT NULL,
+        owner VARCHAR NOT NULL,
+        severity VARCHAR NOT NULL,
+        series JSON NOT NULL,
+        from_state VARCHAR NOT NULL,
+        state VARCHAR NOT NULL,
+        value DOUBLE,
+        threshold JSON,
+        consecutive_violations INTEGER NOT NULL,
+        run_at TIMESTAMP,
+        summary VARCHAR,
+        detail VARCHAR,
+        labels JSON,
+        annotations JSON,
+        violating_spans STRUCT(trace_id VARCHAR, span_id VARCHAR)[]
+    )""",
+    """CREATE TABLE IF NOT EXISTS rule_health (
+        rule_id VARCHAR PRIMARY KEY,
+        group_name VARCHAR NOT NULL,
+        alert_name VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        health VARCHAR NOT NULL,
+        last_error VARCHAR,
+        last_eval_at TIMESTAMP,
+        last_duration_seconds DOUBLE
+    )""",
     # Every attribute of a span as text, one row each: the easy way in for ad-hoc postmortem SQL.
     """CREATE OR REPLACE VIEW span_attributes AS
         SELECT span_key, time, key, CAST(value AS VARCHAR) AS value, 'number' AS type FROM span_numbers
@@ -62,4 +116,4 @@ DDL: tuple[str, ...] = (
 )
 
 # Tables that hold user data, in the order `otel-evaluator export` writes them.
-PUBLIC_TABLES = ("spans", "span_numbers", "span_strings", "span_arrays")
+PUBLIC_TABLES = ("spans", "span_numbers", "span_strings", "span_arrays", "alerts", "alert_state", "rule_health")
