@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from evaluator.receiver.decode import SpanBatch
+from evaluator.receiver.decode import SpanBatch, rejection_message
 
 TS = pa.timestamp("us")
 
@@ -68,6 +68,20 @@ class SpanColumns:
             rows = rows.add_column(0, "time", pc.take(end, idx)).add_column(0, "span_key", span_keys)
             out[name] = rows
         return out
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded request: the Arrow tables of its stored spans plus the counts the receiver reports."""
+
+    columns: SpanColumns
+    received: int  # spans in the request
+    dropped: int  # spans without a signal attribute (not an error; counted)
+    rejected: int  # invalid spans, reported through partial_success
+    reasons: list[str]  # why, for the first few rejected spans
+
+    def error_message(self) -> str:
+        return rejection_message(self.received, self.rejected, self.reasons)
 
 
 def columns_from_batch(batch: SpanBatch) -> SpanColumns:

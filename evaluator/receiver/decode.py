@@ -22,6 +22,8 @@ class DecodeError(ValueError):
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
 _MAX_REASONS = 5  # how many rejected spans the partial_success message names
+_MAX_NAME = 100  # span names quoted in a reason are cut to this many characters (then "…")
+_MAX_MESSAGE = 4096  # the whole partial_success message, in characters
 
 
 @dataclass
@@ -90,11 +92,25 @@ class DecodeResult:
     reasons: list[str] = field(default_factory=list)
 
     def error_message(self) -> str:
-        if not self.rejected:
-            return ""
-        shown = "; ".join(self.reasons[:_MAX_REASONS])
-        more = f"; and {self.rejected - _MAX_REASONS} more" if self.rejected > _MAX_REASONS else ""
-        return f"rejected {self.rejected} of {self.received} spans: {shown}{more}"
+        return rejection_message(self.received, self.rejected, self.reasons)
+
+
+def rejection_message(received: int, rejected: int, reasons: list[str]) -> str:
+    """The partial_success message: how many spans were rejected and why (the first few), at most 4096 chars."""
+    if not rejected:
+        return ""
+    head = f"rejected {rejected} of {received} spans: "
+    more = f"; and {rejected - _MAX_REASONS} more" if rejected > _MAX_REASONS else ""
+    shown = "; ".join(reasons[:_MAX_REASONS])
+    room = _MAX_MESSAGE - len(head) - len(more)
+    if len(shown) > room:
+        shown = shown[: max(room - 1, 0)] + "…"
+    return f"{head}{shown}{more}"[:_MAX_MESSAGE]
+
+
+def quote_name(name: str) -> str:
+    """A span name as quoted in a rejection reason: repr() of at most _MAX_NAME characters (+ "…" when cut)."""
+    return repr(name if len(name) <= _MAX_NAME else name[:_MAX_NAME] + "…")
 
 
 def _any_to_json(v: Any) -> Any:
@@ -206,12 +222,14 @@ def decode_request(
                     bad = f"parent_span_id must be empty or 8 bytes (got {len(pid)} bytes)"
                 elif start == 0:
                     bad = "start_time_unix_nano is missing"
+                elif end == 0:
+                    bad = "end_time_unix_nano is missing"
                 elif end < start:
                     bad = "end_time_unix_nano is before start_time_unix_nano"
                 if bad is not None:
                     rejected += 1
                     if len(reasons) < _MAX_REASONS:
-                        reasons.append(f"span {sid.hex() or '<empty>'} ({sp.name!r}): {bad}")
+                        reasons.append(f"span {sid.hex() or '<empty>'} ({quote_name(sp.name)}): {bad}")
                     del num_span[n0:], num_key[n0:], num_value[n0:]
                     del str_span[s0:], str_key[s0:], str_value[s0:]
                     del arr_span[a0:], arr_key[a0:], arr_numbers[a0:], arr_strings[a0:]
@@ -221,7 +239,7 @@ def decode_request(
                     res_done = True
                 trace_ids.append(tid.hex())
                 span_ids.append(sid.hex())
-                parents.append(pid.hex() if pid else None)
+                parents.append(pid.hex() if pid and pid != _ZERO_SPAN else None)  # all-zero: no parent
                 names.append(sp.name)
                 kinds.append(sp.kind)
                 starts.append(start // 1000)

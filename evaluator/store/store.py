@@ -119,6 +119,8 @@ class Store:
                     f"the file has schema version {row[0]}, newer than this otel-evaluator understands "
                     f"({SCHEMA_VERSION}); upgrade otel-evaluator"
                 )
+            elif int(row[0]) < SCHEMA_VERSION:  # the DDL above added what is new; nothing is rewritten
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
             con.execute("COMMIT")
         except Exception:
             con.execute("ROLLBACK")
