@@ -8,6 +8,7 @@ reference and must match this file.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -62,6 +63,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "auto"
     shutdown_grace_seconds: float = 10.0
+    rules: tuple[str, ...] = ()  # rule files or folders; relative paths are relative to the config file
     source: str = "(embedded defaults)"
 
 
@@ -101,7 +103,11 @@ def config_from_node(root: Node, problems: Problems) -> Config:
     if not root.is_map():
         problems.add(root, "", "the config file must be a mapping")
         return cfg
-    check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace"}, problems, "")
+    check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace", "rules"}, problems, "")
+    rules = read_str_list(root.get("rules"), "rules", problems)
+    if rules is not None:
+        base = os.path.dirname(os.path.abspath(root.file))
+        cfg = replace(cfg, rules=tuple(os.path.join(base, p) for p in rules))
 
     store = read_map(root.get("store"), "store", problems)
     if store is not None:
@@ -212,6 +218,7 @@ def apply_overrides(
     admin_listen: str | None = None,
     log_level: str | None = None,
     log_format: str | None = None,
+    rules: list[str] | None = None,
 ) -> Config:
     """Command-line flags over the file. Raises InvalidConfig for a malformed address."""
     problems = Problems()
@@ -236,6 +243,8 @@ def apply_overrides(
         cfg = replace(cfg, log_level=log_level)
     if log_format is not None:
         cfg = replace(cfg, log_format=log_format)
+    if rules:
+        cfg = replace(cfg, rules=tuple(rules))
     return cfg
 
 

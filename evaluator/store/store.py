@@ -27,6 +27,7 @@ class StoreSettings:
     path: str = "./evaluator.duckdb"
     memory_limit: str | None = None  # DuckDB syntax, e.g. "1GB"; None keeps DuckDB's default (80% of RAM)
     threads: int | None = None  # None keeps DuckDB's default (one per core)
+    read_only: bool = False  # for eval/replay/sql over a stopped daemon's file: nothing is written
 
 
 class Store:
@@ -42,7 +43,7 @@ class Store:
             if self._con is not None:
                 return
             path = self.settings.path
-            if path != ":memory:":
+            if path != ":memory:" and not self.settings.read_only:
                 parent = os.path.dirname(os.path.abspath(path))
                 try:
                     os.makedirs(parent, exist_ok=True)
@@ -53,12 +54,21 @@ class Store:
                 config["memory_limit"] = self.settings.memory_limit
             if self.settings.threads:
                 config["threads"] = self.settings.threads
+            if self.settings.read_only and not os.path.exists(path):
+                raise StoreError(f"no DuckDB file at {path}")
             try:
-                con = duckdb.connect(path, config=config)
+                con = duckdb.connect(path, read_only=self.settings.read_only, config=config)
             except duckdb.Error as exc:
-                raise StoreError(f"cannot open DuckDB file {path}: {exc}") from None
+                hint = ""
+                if "lock" in str(exc).lower():
+                    hint = (" (a running daemon holds it: stop the daemon, or copy the file and its .wal and use "
+                            "the copy)")
+                raise StoreError(f"cannot open DuckDB file {path}: {exc}{hint}") from None
             try:
-                self._migrate(con)
+                if self.settings.read_only:
+                    self._check_version(con)
+                else:
+                    self._migrate(con)
             except Exception:
                 con.close()
                 raise
@@ -72,7 +82,8 @@ class Store:
         if con is None:
             return
         try:
-            con.execute("CHECKPOINT")
+            if not self.settings.read_only:
+                con.execute("CHECKPOINT")
         except duckdb.Error as exc:  # the WAL still holds everything; the next open replays it
             self._log.warning("checkpoint at shutdown failed", error=str(exc))
         con.close()
@@ -105,6 +116,18 @@ class Store:
         return total
 
     # -- schema ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_version(con: duckdb.DuckDBPyConnection) -> None:
+        try:
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except duckdb.Error:
+            row = None
+        if row is None:
+            raise StoreError("not an otel-evaluator store (no meta table)")
+        if int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"the file has schema version {row[0]}, newer than this otel-evaluator understands "
+                             f"({SCHEMA_VERSION}); upgrade otel-evaluator")
+
     @staticmethod
     def _migrate(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("BEGIN")
