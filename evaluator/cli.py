@@ -40,9 +40,82 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-listen", metavar="HOST:PORT", help="OTLP/gRPC address (default 127.0.0.1:4317)")
     p.add_argument("--http-listen", metavar="HOST:PORT", help="OTLP/HTTP address (default 127.0.0.1:4318)")
     p.add_argument("--admin-listen", metavar="HOST:PORT", help="admin HTTP address (default 127.0.0.1:13133)")
+    p.add_argument("--rules", metavar="PATH", action="append",
+                   help="a rule file or a folder of them (repeatable; see docs/rules.md). SIGHUP reloads them")
     p.add_argument("--log-level", choices=LEVELS, help="default info")
     p.add_argument("--log-format", choices=("auto", "json", "console"),
                    help="auto (default): console on a terminal, JSON lines otherwise")
+
+
+def _rule_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="validate rule files without starting anything (exit 0 ok, 1 problems)",
+                       description="Validate rule files and folders; every problem is listed with file, line and "
+                                   "key. Exit code 0 when they are valid, 1 when not.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="rule files or folders of them")
+
+    p = sub.add_parser("test", help="run rule unit tests (promtool-style test files; exit 0 all pass, 1 not)",
+                       description="Run rule unit tests: each test file names rule files, gives input runs in a "
+                                   "series notation and the alerts expected at evaluation times (docs/rules.md). "
+                                   "Each test runs on a fresh DuckDB file through the real ingest path and engine.")
+    p.add_argument("paths", nargs="+", metavar="FILE", help="test files (*.test.yaml)")
+
+    p = sub.add_parser("eval", help="evaluate rules once, at a given time, over a stopped daemon's file",
+                       description="Evaluate every rule once at --at over a DuckDB file (opened read-only; stop "
+                                   "the daemon first, or copy its file) and print each rule, series, value, "
+                                   "threshold and state. Alert state starts empty: per-run rules judge the runs "
+                                   "within their lookback. Exit 1 if a rule failed.")
+    p.add_argument("--db", required=True, metavar="PATH", help="the DuckDB file")
+    p.add_argument("--rules", required=True, action="append", metavar="PATH", help="rule file or folder")
+    p.add_argument("--at", required=True, metavar="TIME", help="ISO-8601 (UTC unless a zone is given) or unix s")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("replay", help="re-evaluate history and print the transitions that would have happened",
+                       description="Evaluate every rule at --from, --from + --step, ... up to --to over a DuckDB "
+                                   "file (read-only, state in memory) and print the alert transitions: for "
+                                   "postmortems and for tuning thresholds.")
+    p.add_argument("--db", required=True, metavar="PATH", help="the DuckDB file")
+    p.add_argument("--rules", required=True, action="append", metavar="PATH", help="rule file or folder")
+    p.add_argument("--from", dest="start", required=True, metavar="TIME", help="first evaluation time")
+    p.add_argument("--to", dest="end", required=True, metavar="TIME", help="last evaluation time (inclusive)")
+    p.add_argument("--step", required=True, metavar="DURATION", help="e.g. 1h, 1d")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from evaluator.rules.ruletest import run_test_files
+
+    configure_logging("warning")
+    return run_test_files(args.paths, sys.stdout, sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from evaluator.rules.commands import check
+
+    return check(args.paths, sys.stdout, sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evaluator.rules.commands import evaluate_at, parse_time
+
+    configure_logging("warning")
+    try:
+        at = parse_time(args.at)
+    except ValueError as exc:
+        print(f"otel-evaluator: --at: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return evaluate_at(args.db, args.rules, at, args.format, sys.stdout, sys.stderr)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from evaluator.rules.commands import parse_time, replay
+
+    configure_logging("warning")
+    try:
+        start, end = parse_time(args.start), parse_time(args.end)
+    except ValueError as exc:
+        print(f"otel-evaluator: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return replay(args.db, args.rules, start, end, args.step, args.format, sys.stdout, sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"otel-evaluator {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
+    _rule_parsers(sub)
     return parser
 
 
@@ -66,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # deadlock on a lock the interrupted code holds (seen: SIGTERM during the "started" log line hung the
     # daemon). They are blocked before anything starts a thread (importing grpc does), so every thread
     # inherits the mask and none takes the default action.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS | {signal.SIGHUP})
     from evaluator.config import apply_overrides, load_config
     from evaluator.daemon import Daemon
     from evaluator.store.store import StoreError
@@ -76,6 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = apply_overrides(
             load_config(args.config), db=args.db, grpc_listen=args.grpc_listen, http_listen=args.http_listen,
             admin_listen=args.admin_listen, log_level=args.log_level, log_format=args.log_format,
+            rules=args.rules,
         )
     except InvalidConfig as exc:
         configure_logging()
@@ -88,12 +163,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     daemon = Daemon(cfg, log=log)
     try:
         daemon.start()
+    except InvalidConfig as exc:
+        print("otel-evaluator: invalid rules:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
     except (OSError, StoreError) as exc:
         log.error("start-up failed", error=str(exc))
         return EXIT_STARTUP
     try:
-        received = signal.sigwait(_STOP_SIGNALS)
-        log.info("signal received", signal=signal.Signals(received).name)
+        while True:
+            received = signal.sigwait(_STOP_SIGNALS | {signal.SIGHUP})
+            log.info("signal received", signal=signal.Signals(received).name)
+            if received != signal.SIGHUP:
+                break
+            daemon.reload_rules()
     finally:
         daemon.shutdown()
         log.info("otel-evaluator stopped")
@@ -106,5 +190,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    handlers = {"serve": cmd_serve}
+    handlers = {"serve": cmd_serve, "check": cmd_check, "test": cmd_test, "eval": cmd_eval, "replay": cmd_replay}
     return handlers[args.command](args)

@@ -19,6 +19,11 @@ from evaluator.config import Config
 from evaluator.receiver.grpc_server import GrpcReceiver
 from evaluator.receiver.http_server import HttpReceiver
 from evaluator.receiver.ingest import Ingestor
+from evaluator.rules.engine import DuckDBState, RuleEngine
+from evaluator.rules.kinds import KINDS
+from evaluator.rules.loader import load_rules
+from evaluator.rules.model import RuleSet
+from evaluator.rules.scheduler import GroupScheduler
 from evaluator.store.store import Store
 from evaluator.store.writer import SpanWriter
 from evaluator.telemetry import Telemetry
@@ -53,6 +58,10 @@ class Daemon:
                      if config.http else None)
         self.admin = AdminServer(config.admin, self.telemetry, self._not_ready_reason,
                                  log=self.log.bind(component="admin"))
+        self.engine = RuleEngine(self.store.cursor, KINDS, DuckDBState(self.store.cursor), self.telemetry,
+                                 log=self.log.bind(component="rules"))
+        self.scheduler = GroupScheduler(self.engine, self.clock, self.telemetry,
+                                        log=self.log.bind(component="scheduler"))
         self._ready = False
         self._lock = threading.Lock()
         size = self.telemetry.gauge("store_size_bytes", "Bytes of the DuckDB file and its WAL.")
@@ -68,9 +77,13 @@ class Daemon:
     def start(self) -> None:
         """Start everything or, if a part fails, stop what started and raise."""
         with self._lock:
+            ruleset = load_rules(list(self.config.rules)) if self.config.rules else RuleSet()
+            self.engine.load(ruleset)
             try:
                 self.store.start()
                 self.writer.start()
+                if ruleset.groups:
+                    self.scheduler.start(ruleset.groups)
                 self.admin.start()
                 if self.grpc:
                     self.grpc.start()
@@ -84,7 +97,26 @@ class Daemon:
                 "otel-evaluator started", pid=os.getpid(), db=self.config.store.path, config=self.config.source,
                 grpc_port=self.grpc.port if self.grpc else None, http_port=self.http.port if self.http else None,
                 admin_port=self.admin.port, keep_prefixes=self.config.ingest.keep_prefixes,
+                rule_groups=len(ruleset.groups), rules=len(ruleset.rules()),
             )
+
+    def reload_rules(self) -> bool:
+        """Load the rule files again (SIGHUP). Unchanged rules keep their state; an invalid set is refused and
+        the running rules stay. Returns whether the new rules are in force."""
+        from evaluator.yamlsrc import InvalidConfig
+
+        try:
+            ruleset = load_rules(list(self.config.rules)) if self.config.rules else RuleSet()
+        except InvalidConfig as exc:
+            self.log.error("rule reload refused: the running rules stay",
+                           problems=[str(p) for p in exc.problems])
+            return False
+        self.engine.load(ruleset)
+        if ruleset.groups:
+            self.scheduler.start(ruleset.groups)  # no-op when running
+        self.scheduler.reschedule(ruleset.groups)
+        self.log.info("rules reloaded", rule_groups=len(ruleset.groups), rules=len(ruleset.rules()))
+        return True
 
     def shutdown(self) -> None:
         """Stop accepting, finish in-flight exports, commit, checkpoint. Idempotent; safe before start."""
@@ -101,6 +133,7 @@ class Daemon:
         for receiver in (self.grpc, self.http):
             if receiver is not None:
                 receiver.shutdown(grace)
+        self.scheduler.shutdown()
         self.writer.shutdown()
         self.admin.shutdown(1.0)
         self.store.shutdown()

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import duckdb
+import pyarrow as pa
 import structlog
 
 from evaluator.rules.model import (
@@ -76,6 +77,7 @@ class RuleStatus:
     states: dict[SeriesKey, SeriesState]
     error: str | None = None
     duration: float = 0.0
+    changed: tuple[SeriesState, ...] = ()  # the states that differ from before this evaluation
 
 
 class StateBackend(Protocol):
@@ -105,8 +107,21 @@ class MemoryState:
 
 _STATE_COLUMNS = (
     "rule_id, fingerprint, series, state, value, threshold, detail, active_at, fired_at, resolved_at, "
-    "last_violation_at, consecutive_violations, last_run_at, last_run_key, last_eval_at, violating_spans"
+    "last_violation_at, consecutive_violations, last_run_at, last_run_key, violating_spans"
 )
+_TS = pa.timestamp("us")
+_SPANS = pa.list_(pa.struct([("trace_id", pa.string()), ("span_id", pa.string())]))
+_STATE_SCHEMA = pa.schema([
+    ("rule_id", pa.string()), ("fingerprint", pa.string()), ("series", pa.string()), ("state", pa.string()),
+    ("value", pa.float64()), ("threshold", pa.string()), ("detail", pa.string()), ("active_at", _TS),
+    ("fired_at", _TS), ("resolved_at", _TS), ("last_violation_at", _TS), ("consecutive_violations", pa.int32()),
+    ("last_run_at", _TS), ("last_run_key", pa.int64()), ("violating_spans", _SPANS),
+])
+_HEALTH_SCHEMA = pa.schema([
+    ("rule_id", pa.string()), ("group_name", pa.string()), ("alert_name", pa.string()), ("kind", pa.string()),
+    ("health", pa.string()), ("last_error", pa.string()), ("last_eval_at", _TS),
+    ("last_duration_seconds", pa.float64()),
+])
 
 
 class DuckDBState:
@@ -138,8 +153,8 @@ class DuckDBState:
                 series=key, state=state, value=value, threshold=tuple(thr) if isinstance(thr, list) else thr,
                 detail=detail or "", active_at=from_dt(row[7]), fired_at=from_dt(row[8]),
                 resolved_at=from_dt(row[9]), last_violation_at=from_dt(row[10]), consecutive=row[11],
-                last_run_at=from_dt(row[12]), last_run_key=row[13], last_eval_at=from_dt(row[14]),
-                violating_spans=tuple((s["trace_id"], s["span_id"]) for s in (row[15] or [])),
+                last_run_at=from_dt(row[12]), last_run_key=row[13],
+                violating_spans=tuple((s["trace_id"], s["span_id"]) for s in (row[14] or [])),
             )
         return out
 
@@ -147,21 +162,23 @@ class DuckDBState:
         cur = self._cursor()
         try:
             cur.execute("BEGIN")
-            ok = [st for st in statuses if st.error is None]
-            if ok:
-                cur.execute("DELETE FROM alert_state WHERE rule_id IN (SELECT unnest($ids))",
-                            {"ids": [st.rule.id for st in ok]})
-                rows = [
-                    (st.rule.id, st.rule.fingerprint, series_json(s.series), s.state, s.value,
-                     threshold_json(s.threshold), s.detail, to_dt(s.active_at), to_dt(s.fired_at),
-                     to_dt(s.resolved_at), to_dt(s.last_violation_at), s.consecutive, to_dt(s.last_run_at),
-                     s.last_run_key, to_dt(s.last_eval_at),
-                     [{"trace_id": t, "span_id": sp} for t, sp in s.violating_spans])
-                    for st in ok for s in st.states.values()
-                ]
-                if rows:
-                    cur.executemany(f"INSERT INTO alert_state ({_STATE_COLUMNS}) VALUES "
-                                    f"({', '.join(['?'] * 16)})", rows)
+            changed = [(st.rule, s) for st in statuses if st.error is None for s in st.changed]
+            if changed:
+                rows = pa.Table.from_pylist([
+                    {"rule_id": r.id, "fingerprint": r.fingerprint, "series": series_json(s.series), "state": s.state,
+                     "value": s.value, "threshold": threshold_json(s.threshold), "detail": s.detail,
+                     "active_at": to_dt(s.active_at), "fired_at": to_dt(s.fired_at),
+                     "resolved_at": to_dt(s.resolved_at), "last_violation_at": to_dt(s.last_violation_at),
+                     "consecutive_violations": s.consecutive, "last_run_at": to_dt(s.last_run_at),
+                     "last_run_key": s.last_run_key,
+                     "violating_spans": [{"trace_id": a, "span_id": b} for a, b in s.violating_spans]}
+                    for r, s in changed
+                ], schema=_STATE_SCHEMA)
+                cur.register("changed_states", rows)
+                cur.execute("DELETE FROM alert_state USING changed_states c "
+                            "WHERE alert_state.rule_id = c.rule_id AND alert_state.series::VARCHAR = c.series")
+                cur.execute(f"INSERT INTO alert_state ({_STATE_COLUMNS}) SELECT {_STATE_COLUMNS} FROM changed_states")
+                cur.unregister("changed_states")
             for ev in events:
                 t, r = ev.transition, ev.rule
                 cur.execute(
@@ -174,12 +191,16 @@ class DuckDBState:
                      t.consecutive, to_dt(t.run_at), ev.summary, t.detail, json.dumps(dict(r.labels)),
                      json.dumps(ev.annotations), [{"trace_id": a, "span_id": b} for a, b in t.spans]],
                 )
-            for st in statuses:
-                cur.execute(
-                    "INSERT OR REPLACE INTO rule_health VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [st.rule.id, st.rule.group, st.rule.name, st.rule.kind, "ok" if st.error is None else "error",
-                     st.error, to_dt(ts), st.duration],
-                )
+            health = pa.Table.from_pylist([
+                {"rule_id": st.rule.id, "group_name": st.rule.group, "alert_name": st.rule.name,
+                 "kind": st.rule.kind, "health": "ok" if st.error is None else "error", "last_error": st.error,
+                 "last_eval_at": to_dt(ts), "last_duration_seconds": st.duration}
+                for st in statuses
+            ], schema=_HEALTH_SCHEMA)
+            if health.num_rows:
+                cur.register("health_rows", health)
+                cur.execute("INSERT OR REPLACE INTO rule_health SELECT * FROM health_rows")
+                cur.unregister("health_rows")
             cur.execute("COMMIT")
         except Exception:
             cur.execute("ROLLBACK")
@@ -267,7 +288,8 @@ class RuleEngine:
                 self.health[rule.id] = None
                 self._evals.inc(outcome="ok")
                 states, rule_events = self._fold(rule, prior[rule.id], outcome, ts)
-                statuses.append(RuleStatus(rule, states, None, durations.get(rule.id, 0.0)))
+                changed = tuple(s for k, s in states.items() if prior[rule.id].get(k) != s)
+                statuses.append(RuleStatus(rule, states, None, durations.get(rule.id, 0.0), changed))
                 events.extend(rule_events)
             self._state.save(group, ts, statuses, events)
             for ev in events:

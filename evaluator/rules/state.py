@@ -28,7 +28,6 @@ class SeriesState:
     consecutive: int = 0  # consecutive violating runs (or ticks, for kinds judged at evaluation time)
     last_run_at: float | None = None  # the newest run judged (per-run kinds)
     last_run_key: int | None = None
-    last_eval_at: float | None = None
     violating_spans: tuple[tuple[str, str], ...] = ()
 
 
@@ -66,16 +65,17 @@ def _change(step: Step, rule: Rule, ts: float, new: SeriesState, sample_at: floa
 def apply_sample(step: Step, rule: Rule, sample: Sample, ts: float) -> None:
     """Fold one judgement into the series state."""
     s = step.state
-    base = replace(s, value=sample.value, threshold=sample.threshold, detail=sample.detail, last_eval_at=ts)
+    run_at = sample.at if sample.run_key is not None else None  # kinds judged at ts have no run
+    base = replace(s, value=sample.value, threshold=sample.threshold, detail=sample.detail)
     if sample.run_key is not None:
         base = replace(base, last_run_at=sample.at, last_run_key=sample.run_key)
     violated = sample.hysteresis_violated if s.state == FIRING else sample.violated
     if violated is None:  # no data
         if s.state in (FIRING, NODATA):
-            _change(step, rule, ts, base, sample.at)
+            _change(step, rule, ts, base, run_at)
         else:
             _change(step, rule, ts, replace(base, state=NODATA, consecutive=0, active_at=None,
-                                            violating_spans=()), sample.at)
+                                            violating_spans=()), run_at)
         return
     if violated:
         spans = s.violating_spans + sample.spans
@@ -86,7 +86,7 @@ def apply_sample(step: Step, rule: Rule, sample: Sample, ts: float) -> None:
             new = replace(new, state=PENDING, active_at=sample.at, fired_at=None, resolved_at=None)
         if new.state == PENDING and _due(rule, new, ts):
             new = replace(new, state=FIRING, fired_at=ts)
-        _change(step, rule, ts, new, sample.at)
+        _change(step, rule, ts, new, run_at)
         return
     # not violated
     new = replace(base, consecutive=0)
@@ -100,7 +100,7 @@ def apply_sample(step: Step, rule: Rule, sample: Sample, ts: float) -> None:
             new = replace(new, state=RESOLVED, resolved_at=ts, active_at=None)
     elif s.state == NODATA:
         new = replace(new, state=INACTIVE)
-    _change(step, rule, ts, new, sample.at)
+    _change(step, rule, ts, new, run_at)
 
 
 def _due(rule: Rule, s: SeriesState, ts: float) -> bool:

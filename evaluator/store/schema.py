@@ -66,7 +66,6 @@ DDL: tuple[str, ...] = (
         consecutive_violations INTEGER NOT NULL,
         last_run_at TIMESTAMP,
         last_run_key BIGINT,
-        last_eval_at TIMESTAMP,
         violating_spans STRUCT(trace_id VARCHAR, span_id VARCHAR)[],
         PRIMARY KEY (rule_id, series)
     )""",
