@@ -154,6 +154,14 @@ def test_every_problem_is_reported_with_its_line(tmp_path: Path) -> None:
         assert f"{path}:{line}: {key}: {why}" in text, (line, key, why, text)
 
 
+def test_absence_lookback_must_outlast_the_absence(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("groups:\n  - name: g\n    rules:\n      - {alert: A, kind: absence, rung: freshness, owner: x,"
+                    " expected_every: 1d, grace: 2h, lookback: 1d}\n")
+    with pytest.raises(InvalidConfig, match="lookback: must be longer than the absence it watches for"):
+        load_rules([str(path)])
+
+
 def test_missing_file_and_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(InvalidConfig, match="cannot read file"):
         load_rules([str(tmp_path / "nope.yaml")])
@@ -173,3 +181,13 @@ def test_duplicate_group_names_across_files(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text(GOOD)
     with pytest.raises(InvalidConfig, match="duplicate group name"):
         load_rules([str(tmp_path)])
+
+
+def test_series_notation() -> None:
+    from evaluator.rules.ruletest import expand_series
+
+    assert expand_series("10000000 10100000 _ 9900000x3 9000000+100000x4") == [
+        10_000_000, 10_100_000, None, 9_900_000, 9_900_000, 9_900_000, 9_000_000, 9_100_000, 9_200_000, 9_300_000]
+    assert expand_series("0.02x2 6 1-0.5x3") == [0.02, 0.02, 6.0, 1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="bad series value 'six'"):
+        expand_series("1 six")

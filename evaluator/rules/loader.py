@@ -209,6 +209,11 @@ def _parse_absence(node: Node, where: str, problems: Problems) -> tuple[Any, Con
             resolve = Condition(">", r)
     spec = AbsenceSpec(expected_every=every, grace=grace or 0.0, lag_attribute=lag_attr, max_lag=max_lag,
                        lookback=_lookback(node, where, problems, AbsenceSpec.lookback))
+    limit = (spec.expected_every or 0.0) + spec.grace if by_interval else (spec.max_lag or 0.0)
+    if limit and spec.lookback <= limit:
+        problems.add(node.get("lookback") or node, f"{where}.lookback",
+                     f"must be longer than the absence it watches for ({limit:g} s), or a silent series is "
+                     "forgotten before it can fire")
     return spec, None, resolve
 
 
