@@ -40,14 +40,21 @@ def test_documented_sql_runs_on_the_schema(tmp_path: Path, name: str, query: str
 @pytest.mark.slow
 def test_readme_walkthrough(tmp_path: Path) -> None:
     """The five-minute walk-through: send a healthy and a broken run with the SDK, stop, query the runs."""
-    assert "examples/send_run.py --broken" in (ROOT / "README.md").read_text()
-    with daemon_process(PORTS, cwd=str(tmp_path)) as proc:
+    readme = (ROOT / "README.md").read_text()
+    assert 'make serve ARGS="--rules rules/"' in readme and "examples/send_run.py --broken" in readme
+    with daemon_process(["--rules", str(ROOT / "rules"), *PORTS], cwd=str(tmp_path)) as proc:
         for extra in ([], ["--broken"]):
             result = subprocess.run([sys.executable, str(ROOT / "examples/send_run.py"), "--endpoint",
                                      proc.grpc_endpoint, *extra], capture_output=True, text=True, timeout=60)
             assert result.returncode == 0, result.stderr
         assert "otel_evaluator_spans_stored_total 2" in proc.metrics()
         assert proc.stop() == 0
+    result = subprocess.run([sys.executable, "-m", "evaluator", "eval", "--db", str(tmp_path / "evaluator.duckdb"),
+                             "--rules", str(ROOT / "rules"), "--at", "now"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    firing = [ln for ln in result.stdout.splitlines() if " firing " in ln]
+    assert len(firing) == 1 and "PaymentsFreshnessLag" in firing[0], result.stdout
     con = duckdb.connect(str(tmp_path / "evaluator.duckdb"), read_only=True)
     rows = con.sql("SELECT n.key, n.value FROM spans s JOIN span_numbers n USING (span_key) "
                    "WHERE s.name = 'features.daily.run' ORDER BY s.end_time, n.key").fetchall()

@@ -20,14 +20,16 @@ from evaluator.yamlsrc import InvalidConfig, parse_duration
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
 
-def parse_time(text: str) -> float:
-    """ISO-8601 (a missing zone means UTC) or unix seconds -> unix seconds. Raises ValueError."""
+def parse_time(text: str, now: float | None = None) -> float:
+    """ISO-8601 (a missing zone means UTC), unix seconds, or `now` -> unix seconds. Raises ValueError."""
+    if text.strip() == "now" and now is not None:
+        return now
     if re.fullmatch(r"\d+(\.\d+)?", text.strip()):
         return float(text)
     try:
         dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"bad time {text!r}: use ISO-8601 like 2026-11-20T06:00:00Z, or unix seconds") from None
+        raise ValueError(f"bad time {text!r}: use ISO-8601 like 2026-11-20T06:00:00Z, unix seconds or now") from None
     return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
 
 
