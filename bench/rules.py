@@ -27,19 +27,19 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluator.receiver.columns import (  # noqa: E402
+from evaluator.receiver.columns import (
     ARRAY_SCHEMA,
     NUMBER_SCHEMA,
     SPAN_SCHEMA,
     STRING_SCHEMA,
     SpanColumns,
 )
-from evaluator.rules.engine import DuckDBState, RuleEngine  # noqa: E402
-from evaluator.rules.kinds import KINDS  # noqa: E402
-from evaluator.rules.model import BaselineSpec, Condition, Rule, RuleGroup, RuleSet, Selector, ThresholdSpec  # noqa: E402
-from evaluator.store.store import Store, StoreSettings  # noqa: E402
-from evaluator.store.writer import SpanWriter  # noqa: E402
-from evaluator.telemetry import Telemetry  # noqa: E402
+from evaluator.rules.engine import DuckDBState, RuleEngine
+from evaluator.rules.kinds import KINDS
+from evaluator.rules.model import BaselineSpec, Condition, Rule, RuleGroup, RuleSet, Selector, ThresholdSpec
+from evaluator.store.store import Store, StoreSettings
+from evaluator.store.writer import SpanWriter
+from evaluator.telemetry import Telemetry
 
 DAY = 86400
 T0 = 1_761_955_200  # 2025-11-01T00:00:00Z

@@ -66,7 +66,8 @@ def _rule_parsers(sub: argparse._SubParsersAction) -> None:
                                    "within their lookback. Exit 1 if a rule failed.")
     p.add_argument("--db", required=True, metavar="PATH", help="the DuckDB file")
     p.add_argument("--rules", required=True, action="append", metavar="PATH", help="rule file or folder")
-    p.add_argument("--at", required=True, metavar="TIME", help="ISO-8601 (UTC unless a zone is given), unix seconds, or now")
+    p.add_argument("--at", required=True, metavar="TIME",
+                   help="ISO-8601 (UTC unless a zone is given), unix seconds, or now")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
     p = sub.add_parser("replay", help="re-evaluate history and print the transitions that would have happened",
