@@ -244,3 +244,29 @@ def test_rule_test_files_pass_and_a_wrong_expectation_fails(tmp_path: Path) -> N
     assert result.returncode == 1
     assert "expected [firing {}], got none" in result.stdout
 
+
+
+def test_reload_keeps_the_state_of_unchanged_rules_and_resets_changed_ones(tmp_path: Path) -> None:
+    clock = FakeClock(T0 + 14 * DAY + 7 * 3600)
+    cfg = loopback_config(tmp_path / "ev.duckdb", rules=(str(tmp_path / "rules.yaml"),))
+    (tmp_path / "rules.yaml").write_text(RULES.read_text())
+    daemon = Daemon(cfg, clock=clock)
+    daemon.start()
+    try:
+        assert daemon.grpc is not None
+        send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
+        daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        (tmp_path / "rules.yaml").write_text(RULES.read_text().replace("tolerance: 0.05", "tolerance: 0.5"))
+        assert daemon.reload_rules()
+        cur = daemon.store.cursor()
+        states = dict(cur.execute("SELECT rule_id, state FROM alert_state").fetchall())
+        cur.close()
+        assert states["payments-contract/PaymentsFreshnessLag"] == "firing"
+        loaded = daemon.engine.state.load(list(daemon.engine.ruleset.groups[0].rules))
+        assert loaded["payments-contract/PaymentsRowCount"] == {}  # changed rule: old state no longer applies
+        assert len(loaded["payments-contract/PaymentsFreshnessLag"]) == 1
+        clock.advance(60)
+        events = daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        assert {e.rule.name for e in events} <= {"PaymentsRowCount"}  # only the changed rule re-judges its runs
+    finally:
+        daemon.shutdown()

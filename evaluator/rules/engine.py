@@ -221,7 +221,7 @@ class RuleEngine:
         """cursor_factory() returns a new DuckDB cursor (Store.cursor), closed by the engine after use."""
         self._cursor = cursor_factory
         self._kinds = kinds
-        self._state = state
+        self.state = state
         self._log = log or structlog.get_logger("rules")
         self.ruleset = RuleSet()
         self.health: dict[str, str | None] = {}
@@ -248,7 +248,7 @@ class RuleEngine:
         with self._group_locks[group.name]:
             t0 = time.perf_counter()
             rules = list(group.rules)
-            prior = self._state.load(rules)
+            prior = self.state.load(rules)
             results: dict[str, list[Sample] | RuleError] = {}
             durations: dict[str, float] = {}
             by_kind: dict[str, list[Rule]] = defaultdict(list)
@@ -291,7 +291,7 @@ class RuleEngine:
                 changed = tuple(s for k, s in states.items() if prior[rule.id].get(k) != s)
                 statuses.append(RuleStatus(rule, states, None, durations.get(rule.id, 0.0), changed))
                 events.extend(rule_events)
-            self._state.save(group, ts, statuses, events)
+            self.state.save(group, ts, statuses, events)
             for ev in events:
                 self._transitions.inc(state=ev.transition.to_state)
                 self._log.info("alert " + ev.transition.to_state, rule=ev.rule.id,
