@@ -85,7 +85,8 @@ def test_spec_json_translates_to_the_same_request_as_protobuf() -> None:
 def test_proto_field_names_and_enum_names_are_accepted() -> None:
     doc = _spec_json()
     text = json.dumps(doc).replace('"resourceSpans"', '"resource_spans"').replace('"scopeSpans"', '"scope_spans"')
-    text = text.replace('"startTimeUnixNano"', '"start_time_unix_nano"').replace('"kind": 2', '"kind": "SPAN_KIND_SERVER"')
+    text = text.replace('"startTimeUnixNano"', '"start_time_unix_nano"')
+    text = text.replace('"kind": 2', '"kind": "SPAN_KIND_SERVER"')
     assert parse_json_request(text.encode()) == _expected()
 
 
