@@ -1,8 +1,10 @@
 """The C decoder (receiver._fastdecode via fastdecode.decode_bytes) against the reference.
 
-The reference is `decode_request(ExportTraceServiceRequest.FromString(data), prefixes)` (upb parses, Python
-flattens); `fastdecode.decode_bytes_python` is exactly that plus the DecodeError wrapping. Every comparison is of
-the whole DecodeResult, value *and* type of every cell (so 1 vs 1.0 or 0.0 vs -0.0 would fail).
+The reference is `columns_from_batch(decode_request(ExportTraceServiceRequest.FromString(data), prefixes))` (upb
+parses, Python flattens, pyarrow converts the lists); `fastdecode.decode_bytes_python` is exactly that plus the
+DecodeError wrapping. Every comparison is of the whole Decoded: the schema of each of the four tables, every
+cell of every column (value *and* type, so 0.0 vs -0.0 or a NaN payload would fail), the counts and the reasons.
+The C tables are also validated in full by Arrow (offsets, UTF-8, bitmaps).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import math
 import struct
 import sys
 import tracemalloc
-from dataclasses import asdict, fields
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -24,8 +26,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from evaluator.receiver import fastdecode
-from evaluator.receiver.decode import DecodeError, SpanBatch, decode_request
-from evaluator.receiver.fastdecode import decode_bytes, decode_bytes_python
+from evaluator.receiver.columns import ARRAY_SCHEMA, NUMBER_SCHEMA, SPAN_SCHEMA, STRING_SCHEMA, Decoded
+from evaluator.receiver.decode import DecodeError, decode_request, rejection_message
+from evaluator.receiver.fastdecode import decode_bytes, decode_bytes_python, decode_message
 
 needs_c = pytest.mark.skipif(
     not fastdecode.ACCELERATED,
@@ -60,14 +63,36 @@ def canon(x: Any) -> Any:
     raise TypeError(type(x))
 
 
+BOTH_PARAM = pytest.mark.parametrize("decode", [decode_bytes_python, decode_bytes], ids=["reference", "c"])
+SCHEMAS = {"spans": SPAN_SCHEMA, "numbers": NUMBER_SCHEMA, "strings": STRING_SCHEMA, "arrays": ARRAY_SCHEMA}
+
+
+def column_values(col: pa.ChunkedArray) -> list[Any]:
+    """The cells of a column as Python values (timestamps as integer microseconds: datetime stops at 9999)."""
+    if pa.types.is_timestamp(col.type):
+        col = col.cast(pa.int64())
+    return col.to_pylist()
+
+
+def tables_of(r: Decoded) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, schema in SCHEMAS.items():
+        table = getattr(r.columns, name)
+        assert isinstance(table, pa.Table)
+        assert table.schema == schema and table.schema.metadata is None, name
+        table.validate(full=True)
+        out[name] = {col: column_values(table.column(col)) for col in table.column_names}
+    return out
+
+
 def outcome(fn: Any, data: bytes, prefixes: tuple[str, ...] | None) -> Any:
     try:
         r = fn(data, prefixes)
     except DecodeError:
         return "DecodeError"
-    assert type(r.batch) is SpanBatch
-    return canon({"batch": asdict(r.batch), "received": r.received, "dropped": r.dropped,
-                  "rejected": r.rejected, "reasons": r.reasons})
+    assert type(r) is Decoded
+    return canon({"tables": tables_of(r), "received": r.received, "dropped": r.dropped,
+                  "rejected": r.rejected, "reasons": r.reasons, "message": r.error_message()})
 
 
 def same(data: bytes, prefixes: tuple[str, ...] | None = None) -> Any:
@@ -196,13 +221,62 @@ def test_accelerated_flag_matches_import() -> None:
     assert fastdecode.ACCELERATED is built
 
 
+def _c_decode(data: bytes, prefixes: tuple[str, ...] | None = None, *extra: Any) -> Any:
+    return fastdecode._c.decode(data, prefixes, fastdecode._resource_from_bytes, fastdecode._value_from_bytes,
+                                *extra)
+
+
+def _walk_column(column: tuple[Any, ...]) -> list[Any]:
+    """Every buffer slot of a C column tuple, children included."""
+    length, nulls, *rest = column
+    assert isinstance(length, int) and isinstance(nulls, int) and 0 <= nulls <= length
+    out: list[Any] = []
+    for item in rest:
+        out.extend(_walk_column(item) if isinstance(item, tuple) else [item])
+    return out
+
+
 @needs_c
-def test_c_module_columns_are_the_spanbatch_fields() -> None:
-    out = fastdecode._c.decode(one(span()), None, fastdecode._resource_from_bytes, fastdecode._value_from_bytes)
-    names = [f.name for f in fields(SpanBatch) if f.name != "encoded_bytes"]
-    assert len(out) == len(names) + 4
-    assert all(isinstance(col, list) for col in out[: len(names)])
-    assert out[len(names):] == (1, 0, 0, [])
+def test_c_module_returns_buffers_in_schema_order() -> None:
+    tables, received, dropped, rejected, reasons = _c_decode(one(span(), span([])), ("ml.",))
+    assert (received, dropped, rejected, reasons) == (2, 1, 0, [])
+    assert [len(t) for t in tables] == [len(SPAN_SCHEMA), len(NUMBER_SCHEMA), len(STRING_SCHEMA), len(ARRAY_SCHEMA)]
+    for table in tables:
+        for column in table:
+            for buf in _walk_column(column):
+                assert buf is None or type(buf) is fastdecode._c.Buffer
+                if buf is not None:
+                    view = memoryview(buf)
+                    assert view.readonly and view.nbytes == len(buf)
+    spans = tables[0]
+    assert spans[0][:2] == (1, 0) and bytes(spans[0][4]) == TRACE.hex().encode()  # trace_id: hex written by C
+    assert struct.unpack("<2i", bytes(spans[0][3])) == (0, 32)
+    assert spans[2][:2] == (1, 1) and bytes(spans[2][2]) == b"\x00"  # parent_span_id: null, in the bitmap
+    assert struct.unpack("<q", bytes(spans[5][3])) == (T0 // 1000,)  # start_time: microseconds, int64
+    with pytest.raises(TypeError):
+        fastdecode._c.Buffer()
+    with pytest.raises(TypeError):
+        memoryview(spans[0][4])[0] = 0  # read-only
+
+
+@needs_c
+def test_c_decode_creates_no_python_object_per_value() -> None:
+    """The common path fills C buffers only: holding the result of 5000 spans costs a few dozen objects."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from bench.payload import make_request
+
+    data = make_request(5000, 3).SerializeToString()
+    _c_decode(data, ("ml.", "data."))
+    gc.collect()
+    gc.disable()
+    try:
+        blocks = sys.getallocatedblocks()
+        out = _c_decode(data, ("ml.", "data."))
+        grown = sys.getallocatedblocks() - blocks
+    finally:
+        gc.enable()
+    assert out[1] == 5000 and out[0][0][0][0] == 5000
+    assert grown < 300, grown  # ~60 Buffers and tuples; a Python object per value would be 100000+
 
 
 @needs_c
@@ -238,9 +312,13 @@ def test_fallback_wraps_protobuf_errors() -> None:
 
 
 def test_fallback_equals_reference() -> None:
-    data = one(span())
+    data = one(span(), span(parent=SPAN), span(start=0))
     r = decode_bytes_python(data, None)
-    assert r == decode_request(ExportTraceServiceRequest.FromString(data), None)
+    assert r == decode_message(ExportTraceServiceRequest.FromString(data), None)
+    ref = decode_request(ExportTraceServiceRequest.FromString(data), None)
+    assert (r.received, r.dropped, r.rejected, r.reasons) == (ref.received, ref.dropped, ref.rejected, ref.reasons)
+    assert r.error_message() == ref.error_message() != ""
+    assert len(r.columns) == len(ref.batch) == 2
 
 
 @needs_c
@@ -381,6 +459,34 @@ def test_reasons_are_capped_and_counted() -> None:
     assert out[1]["rejected"] == ("int", 11) and len(out[1]["reasons"]) == 5
 
 
+ROLLBACK_ATTRS = [
+    kv("ml.nums", arr(av(double_value=1.5), av(int_value=2))), kv("ml.strs", arr(av(string_value="a"))),
+    kv("ml.mixed", arr(av(string_value="b"), av(int_value=3))), kv("ml.s", av(string_value="text")),
+    kv("ml.b", av(bytes_value=b"\x01\x02")), kv("ml.kv", kvl(x=av(int_value=1))), kv("ml.n", av(int_value=7)),
+]
+
+
+@pytest.mark.parametrize("bad", ["double", "array"])
+@BOTH_PARAM
+def test_rejected_span_leaves_nothing_in_any_column(decode: Any, bad: str) -> None:
+    """A span rejected for an attribute after others were appended: every attribute column is rolled back, so
+    the next span's rows (and list offsets into the child values) are exactly its own."""
+    poison = kv("ml.bad", av(double_value=math.nan) if bad == "double" else arr(av(double_value=math.inf)))
+    spans_ = [span([*ROLLBACK_ATTRS, poison], span_id=b"\x01" * 8),
+              span([*ROLLBACK_ATTRS[::-1], poison, *ROLLBACK_ATTRS], span_id=b"\x02" * 8),
+              span([kv("ml.nums", arr(av(int_value=9))), kv("ml.strs", arr(av(string_value="z"))),
+                    kv("ml.s", av(string_value="kept"))], span_id=b"\x03" * 8)]
+    r = decode(one(*spans_), None)
+    assert (r.rejected, len(r.columns)) == (2, 1)
+    assert r.columns.arrays.to_pylist() == [
+        {"span_idx": 0, "key": "ml.nums", "numbers": [9.0], "strings": None},
+        {"span_idx": 0, "key": "ml.strs", "numbers": None, "strings": ["z"]},
+    ]
+    assert r.columns.strings.to_pylist() == [{"span_idx": 0, "key": "ml.s", "value": "kept"}]
+    assert r.columns.numbers.num_rows == 0
+    same_all(one(*spans_))
+
+
 @needs_c
 def test_dropped_spans_are_not_validated() -> None:
     spans = [span([kv("other", av(double_value=math.nan))], trace_id=b""),
@@ -422,7 +528,7 @@ def test_large_request_like_the_bench() -> None:
 
     data = make_request(5000, 3).SerializeToString()  # enough spans/attributes to grow the C column buffers
     out = same_all(data)
-    assert out[1]["received"] == ("int", 5000) and len(out[1]["batch"]["trace_id"]) == 5000
+    assert out[1]["received"] == ("int", 5000) and len(out[1]["tables"]["spans"]["trace_id"]) == 5000
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -618,6 +724,7 @@ def test_nan_key_reason_formatting() -> None:
 KEYS = st.one_of(st.sampled_from(["ml.score", "data.rows", "ml.", "data.", "ml", "mlx", "", "service.name",
                                   "ünï.ml", "ml.ü"]), st.text(max_size=6))
 TEXT = st.text(max_size=8)
+LONG_TEXT = st.text(min_size=97, max_size=103)  # around the 100 characters a quoted name is cut to
 I64 = st.integers(-(2**63), 2**63 - 1)
 I32 = st.integers(-(2**31), 2**31 - 1)
 U64 = st.integers(0, 2**64 - 1)
@@ -660,8 +767,8 @@ def spans(draw: Any) -> Span:
     start = draw(TIMES)
     end = draw(st.one_of(TIMES, st.integers(0, 10**6).map(lambda d: min(start + d, 2**64 - 1))))
     sp = Span(trace_id=draw(IDS16), span_id=draw(IDS8), parent_span_id=draw(st.one_of(st.just(b""), IDS8)),
-              name=draw(TEXT), kind=draw(st.one_of(st.integers(0, 5), I32)), start_time_unix_nano=start,
-              end_time_unix_nano=end, trace_state=draw(TEXT))
+              name=draw(st.one_of(TEXT, LONG_TEXT)), kind=draw(st.one_of(st.integers(0, 5), I32)),
+              start_time_unix_nano=start, end_time_unix_nano=end, trace_state=draw(TEXT))
     sp.attributes.extend(draw(st.lists(key_values, max_size=6)))
     if draw(st.booleans()):
         sp.status.code = draw(st.one_of(st.integers(0, 2), I32))
@@ -806,6 +913,20 @@ def test_helper_exceptions_propagate_without_leaks() -> None:
         c.decode(kv_data, None, lambda raw: ("svc",), fastdecode._value_from_bytes)
     with pytest.raises(TypeError):
         c.decode(kv_data, None, 1, 2)
+    with pytest.raises(TypeError, match="resource helper"):
+        c.decode(kv_data, None, lambda raw: (3, "{}"), fastdecode._value_from_bytes)
+    with pytest.raises(TypeError, match="resource helper"):
+        c.decode(kv_data, None, lambda raw: (None, b"{}"), fastdecode._value_from_bytes)
+    with pytest.raises(UnicodeEncodeError):
+        c.decode(kv_data, None, lambda raw: ("\ud800", "{}"), fastdecode._value_from_bytes)
+    mixed = one(span([kv("ml.k", arr(av(int_value=1), av(string_value="x")))]))
+    assert c.decode(mixed, None, fastdecode._resource_from_bytes, lambda raw: ["a", "b"])[1:4] == (1, 0, 0)
+    with pytest.raises(TypeError):
+        c.decode(mixed, None, fastdecode._resource_from_bytes, lambda raw: ["a", 3])
+    with pytest.raises(TypeError):
+        c.decode(mixed, None, fastdecode._resource_from_bytes, lambda raw: "a")
+    with pytest.raises(ValueError):
+        c.decode(kv_data, None, fastdecode._resource_from_bytes, fastdecode._value_from_bytes, -1)
 
 
 @needs_c
@@ -824,6 +945,11 @@ def test_no_reference_or_memory_leaks() -> None:
                                    (boom, fastdecode._value_from_bytes), (fastdecode._resource_from_bytes, boom)):
                 with contextlib.suppress(DecodeError, RuntimeError):
                     c.decode(data, prefixes, res_fn, val_fn)
+            for limit in (0, 40):  # a column over the text limit, at different points of the decode
+                with contextlib.suppress(DecodeError):
+                    c.decode(data, prefixes, fastdecode._resource_from_bytes, fastdecode._value_from_bytes, limit)
+            with contextlib.suppress(DecodeError):
+                fastdecode.decode_bytes(data, prefixes)  # and the Arrow wrapping
 
     run_all()
     gc.collect()
@@ -843,3 +969,136 @@ def test_no_reference_or_memory_leaks() -> None:
     assert (sys.getrefcount(prefixes), sys.getrefcount(boom), sys.getrefcount(fastdecode._value_from_bytes)) == refs
     assert sys.getallocatedblocks() - blocks < 200
     assert grown < 64 * 1024
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the text limit of a string column (Arrow's int32 offsets)
+# --------------------------------------------------------------------------------------------------------------
+@needs_c
+def test_text_limit_per_column() -> None:
+    data = one(span())  # the longest text is the trace id's 32 hex digits
+    _c_decode(data, None, 32)
+    with pytest.raises(DecodeError, match="too large to store: the trace_id column"):
+        _c_decode(data, None, 31)
+    res = [kv("service.name", av(string_value="s" * 200))]
+    resource_json = decode_bytes_python(one(span(), res=res), None).columns.spans.column("resource_attributes")
+    longest = len(resource_json[0].as_py())
+    _c_decode(one(span(), res=res), None, longest)  # the limit is inclusive
+    with pytest.raises(DecodeError, match="the resource_attributes column would hold more than"):
+        _c_decode(one(span(), res=res), None, longest - 1)
+    many = one(*[span(span_id=(i + 1).to_bytes(8, "big")) for i in range(40)])
+    with pytest.raises(DecodeError, match="more than 1000 bytes"):
+        _c_decode(many, None, 1000)
+    assert _c_decode(many, None, 2**31 - 1)[1] == 40
+    with pytest.raises(ValueError):
+        _c_decode(many, None, 2**31)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# behaviours (both paths, and the C path equal to the reference)
+# --------------------------------------------------------------------------------------------------------------
+def spans_column(r: Decoded, name: str) -> list[Any]:
+    return column_values(r.columns.spans.column(name))
+
+
+@BOTH_PARAM
+def test_all_zero_parent_is_no_parent(decode: Any) -> None:
+    data = one(span(parent=bytes(8), span_id=b"\x01" * 8), span(parent=b"", span_id=b"\x02" * 8),
+               span(parent=b"\x00" * 7 + b"\x01", span_id=b"\x03" * 8))
+    r = decode(data, None)
+    assert spans_column(r, "parent_span_id") == [None, None, "0000000000000001"]
+    assert r.columns.spans.column("parent_span_id").null_count == 2
+    same_all(data)
+
+
+@BOTH_PARAM
+def test_end_time_missing_is_rejected(decode: Any) -> None:
+    cases = [
+        (span(start=T0, end=0), "end_time_unix_nano is missing"),
+        (span(start=0, end=0), "start_time_unix_nano is missing"),  # start is checked first
+        (span(start=0, end=T0), "start_time_unix_nano is missing"),
+        (span(start=T0, end=T0 - 1), "end_time_unix_nano is before start_time_unix_nano"),
+        (span(start=T0, end=0, trace_id=b""), "trace_id must be 16 bytes and not all zero (got 0 bytes)"),
+    ]
+    for sp, reason in cases:
+        r = decode(one(sp), None)
+        assert (len(r.columns), r.rejected, r.reasons) == (0, 1, [f"span {SPAN.hex()} ('op'): {reason}"])
+        same_all(one(sp))
+    assert len(decode(one(span(start=1, end=1)), None).columns) == 1
+
+
+NAMES = ["x" * 99, "x" * 100, "x" * 101, "x" * 5000, "ü" * 100, "ü" * 101, "𝄞" * 150, "a'\"\n" * 40,
+         "ü" * 99 + "𝄞" + "tail", "", "✓" * 100 + "\x00"]
+
+
+@BOTH_PARAM
+@pytest.mark.parametrize("name", NAMES, ids=range(len(NAMES)))
+def test_span_names_in_reasons_are_cut(decode: Any, name: str) -> None:
+    r = decode(one(span(name=name, trace_id=b"")), None)
+    shown = name if len(name) <= 100 else name[:100] + "…"
+    assert r.reasons == [f"span {SPAN.hex()} ({shown!r}): trace_id must be 16 bytes and not all zero (got 0 bytes)"]
+    r = decode(one(span([kv("ml.x", av(double_value=math.inf))], name=name)), None)
+    assert r.reasons == [f"span {SPAN.hex()} ({shown!r}): attribute ml.x is not a finite number (inf)"]
+    same_all(one(span(name=name, trace_id=b""), span(name=name, start=0)))
+
+
+@BOTH_PARAM
+def test_partial_success_message_is_capped(decode: Any) -> None:
+    key = "ml." + "k" * 3000
+    spans_ = [span([kv(key, av(double_value=math.nan))], span_id=(i + 1).to_bytes(8, "big"), name="n" * 500)
+              for i in range(7)]
+    r = decode(one(*spans_), None)
+    msg = r.error_message()
+    assert r.rejected == 7 and len(r.reasons) == 5
+    assert len(msg) == 4096 and msg.startswith("rejected 7 of 7 spans: span 0000000000000001 ('" + "n" * 100 + "…')")
+    assert msg.endswith("…; and 2 more")
+    same_all(one(*spans_))
+    small = decode(one(span(start=0)), None).error_message()
+    assert small == f"rejected 1 of 1 spans: span {SPAN.hex()} ('op'): start_time_unix_nano is missing"
+
+
+def test_rejection_message() -> None:
+    assert rejection_message(3, 0, []) == ""
+    assert rejection_message(3, 1, ["a"]) == "rejected 1 of 3 spans: a"
+    assert rejection_message(9, 7, list("abcde")) == "rejected 7 of 9 spans: a; b; c; d; e; and 2 more"
+    for n in (4000, 4070, 4071, 4072, 4073, 10_000):
+        msg = rejection_message(1, 1, ["r" * n])
+        assert len(msg) == min(len("rejected 1 of 1 spans: ") + n, 4096)
+        assert msg.endswith("…") == (len("rejected 1 of 1 spans: ") + n > 4096)
+
+
+def low32(v: int) -> int:
+    """What upb stores for an int32 (enum) field decoded from the varint of v: its low 32 bits, signed."""
+    v &= 0xFFFF_FFFF
+    return v - 2**32 if v >= 2**31 else v
+
+
+ENUM_VARINTS = [0, 1, 5, 99, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**63, 2**64 - 1, -1, -5,
+                -(2**31), -(2**31) - 1, -(2**63)]
+
+
+@BOTH_PARAM
+def test_kind_and_status_code_are_int32_as_upb_decodes_them(decode: Any) -> None:
+    payloads = []
+    for v in ENUM_VARINTS:
+        sp = Span.FromString(vi(6, v) + ld(15, vi(3, v)))
+        assert sp.kind == sp.status.code == low32(v)  # upb: int32 from the low bits, open enum (no range check)
+        payloads.append(w_span(IDS, vi(6, v), ld(15, vi(3, v)), ld(9, w_kv("ml.a", vi(3, 1)))))
+    r = decode(w_req(*payloads), None)
+    want = [low32(v) for v in ENUM_VARINTS]
+    assert spans_column(r, "kind") == want and spans_column(r, "status_code") == want
+    assert r.columns.spans.schema.field("kind").type == pa.int32()
+    assert r.columns.spans.schema.field("status_code").type == pa.int32()
+    same_all(w_req(*payloads))
+    # the last occurrence wins, also when it is huge; a 5-byte tag-sized varint too
+    r = decode(w_req(w_span(IDS, vi(6, 3), vi(6, 2**35 + 7), tag(6, 0) + b"\xff\xff\xff\xff\x7f",
+                            ld(9, w_kv("ml.a", vi(3, 1))))), None)
+    assert spans_column(r, "kind") == [-1]
+
+
+def test_json_path_uses_the_reference() -> None:
+    req = ExportTraceServiceRequest.FromString(one(span(parent=bytes(8), kind=99), span(end=0)))
+    r = decode_message(req, ("ml.",))
+    assert (r.received, r.rejected, len(r.columns)) == (2, 1, 1)
+    assert spans_column(r, "parent_span_id") == [None] and spans_column(r, "kind") == [99]
+    assert "end_time_unix_nano is missing" in r.error_message()

@@ -1,8 +1,9 @@
 /*
- * _fastdecode: serialized OTLP ExportTraceServiceRequest -> SpanBatch columns, without the protobuf object model.
+ * _fastdecode: serialized OTLP ExportTraceServiceRequest -> the Arrow buffers of SpanColumns, without the protobuf
+ * object model and without a Python object per value.
  *
- * The result must equal decode_request(ExportTraceServiceRequest.FromString(data), prefixes) exactly
- * (evaluator/receiver/decode.py is the reference). Two phases:
+ * The result must equal columns_from_batch(decode_request(ExportTraceServiceRequest.FromString(data), prefixes))
+ * exactly (evaluator/receiver/decode.py and columns.py are the reference). Two phases:
  *
  *  1. validate(): walks the whole message with the OTLP schema (SCHEMA below) and accepts exactly what upb
  *     accepts: tags of at most 5 bytes, varints of at most 10 bytes, lengths below INT32_MAX and inside the
@@ -12,11 +13,16 @@
  *  2. extraction: walks the (now valid) bytes again with the protobuf merge rules: a known field with the wrong
  *     wire type is an unknown field; a scalar that occurs twice takes the last value; an embedded message that
  *     occurs twice is merged (for the AnyValue oneof, the last member set wins and only the trailing run of
- *     occurrences of a message member is merged); repeated fields keep wire order.
+ *     occurrences of a message member is merged); repeated fields keep wire order. Every column is appended to
+ *     growable C buffers in the Arrow layout (int32 offsets + UTF-8 data for strings, a validity bitmap for the
+ *     nullable ones, packed int32/int64/double values, list offsets + child buffers); at the end each buffer is
+ *     handed to Python as a read-only `Buffer` object (buffer protocol, no copy) that fastdecode.py wraps with
+ *     pa.py_buffer + pa.Array.from_buffers.
  *
  * Rare values (kvlist values, string_value_strindex, arrays that are neither all-numeric nor all-string, and the
  * resource) are handed back to Python as the raw (merged) sub-message bytes through two callables, so their
- * JSON text comes from the same Python helpers the reference uses.
+ * JSON text comes from the same Python helpers the reference uses; their UTF-8 is then copied into the buffers
+ * (the resource once per ResourceSpans, its text once per stored span).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,6 +38,7 @@
 
 #define MAX_DEPTH 100  /* python-protobuf (upb) default recursion limit: nested messages/groups below the top */
 #define MAX_REASONS 5  /* decode._MAX_REASONS */
+#define MAX_NAME 100   /* decode._MAX_NAME: span names quoted in a reason are cut to this many characters */
 
 static PyObject *DecodeError; /* evaluator.receiver.decode.DecodeError */
 
@@ -210,23 +217,31 @@ skip_group(const uint8_t **pp, const uint8_t *end, uint32_t number, int depth)
     }
 }
 
+/* One field. Its number and wire type are kept as the raw tag (fn << 3 | wt) and compared as one value: two
+ * narrower stores read back as one wider load would defeat store forwarding in the hot loops. */
 typedef struct {
-    uint32_t fn;
-    int wt;
+    uint32_t tag;
     uint64_t v;          /* varint / fixed value */
     const uint8_t *data; /* length-delimited payload */
     size_t len;
 } Fld;
 
+#define TAG(fn, wt) ((uint32_t)(fn) << 3 | (uint32_t)(wt))
+#define FN(f) ((f).tag >> 3)
+#define WT(f) ((int)((f).tag & 7))
+
 /* One field at *pp of a message (not a group); advances past it. */
 HOT int
 next_field(const uint8_t **pp, const uint8_t *end, Fld *f)
 {
+    uint32_t fn;
+    int wt;
     f->v = 0;
     f->data = NULL;
     f->len = 0;
-    if (rd_tag(pp, end, &f->fn, &f->wt) < 0 || f->fn == 0) return E_MALFORMED;
-    switch (f->wt) {
+    if (rd_tag(pp, end, &fn, &wt) < 0 || fn == 0) return E_MALFORMED;
+    f->tag = TAG(fn, wt);
+    switch (wt) {
     case WT_VARINT:
         return rd_varint(pp, end, &f->v);
     case WT_I64:
@@ -246,7 +261,7 @@ next_field(const uint8_t **pp, const uint8_t *end, Fld *f)
         *pp += f->len;
         return 0;
     case WT_SGROUP:
-        return skip_group(pp, end, f->fn, MAX_DEPTH);
+        return skip_group(pp, end, fn, MAX_DEPTH);
     default: /* end-group outside a group, 6, 7 */
         return E_MALFORMED;
     }
@@ -351,36 +366,186 @@ validate_msg(int type, const uint8_t *p, const uint8_t *end, int depth, Py_ssize
     return 0;
 }
 
+
 /* ---------------------------------------------------------------------------------------------------------- */
-/* Phase 2: extraction                                                                                         */
+/* Buffer: the Python object that owns one finished Arrow buffer                                              */
 /* ---------------------------------------------------------------------------------------------------------- */
 
-enum {
-    C_TRACE, C_SPAN, C_PARENT, C_NAME, C_KIND, C_START, C_END, C_SCODE, C_SMSG, C_SERVICE, C_SCOPE, C_RES,
-    C_NUM_SPAN, C_NUM_KEY, C_NUM_VAL, C_STR_SPAN, C_STR_KEY, C_STR_VAL,
-    C_ARR_SPAN, C_ARR_KEY, C_ARR_NUMS, C_ARR_STRS,
-    NCOLS
+/* Read-only, exposes its bytes through the buffer protocol (pa.py_buffer wraps it without a copy and keeps it
+ * alive for as long as the Arrow arrays live). The memory comes from PyMem_Raw*, so it may be freed anywhere. */
+typedef struct {
+    PyObject_HEAD
+    uint8_t *p;
+    Py_ssize_t n;
+} BufferObject;
+
+static int
+buffer_getbuffer(PyObject *self, Py_buffer *view, int flags)
+{
+    BufferObject *b = (BufferObject *)self;
+    return PyBuffer_FillInfo(view, self, b->p, b->n, 1, flags);
+}
+
+static void
+buffer_dealloc(PyObject *self)
+{
+    PyMem_RawFree(((BufferObject *)self)->p);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static Py_ssize_t
+buffer_length(PyObject *self)
+{
+    return ((BufferObject *)self)->n;
+}
+
+static PyBufferProcs buffer_as_buffer = {buffer_getbuffer, NULL};
+static PySequenceMethods buffer_as_sequence = {.sq_length = buffer_length};
+
+static PyTypeObject BufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "evaluator.receiver._fastdecode.Buffer",
+    .tp_basicsize = sizeof(BufferObject),
+    .tp_dealloc = buffer_dealloc,
+    .tp_as_sequence = &buffer_as_sequence,
+    .tp_as_buffer = &buffer_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One Arrow buffer filled by decode() (read-only; use memoryview() or pa.py_buffer()).",
 };
 
-/* Short strings repeat a lot (attribute keys, span names, enum-like values): a small direct-mapped cache of
- * their str objects per call. Entries copy the bytes, so nothing points into the input. */
-#define CACHE_SLOTS 512
-#define CACHE_MAXLEN 48
-typedef struct {
-    PyObject *s;
-    uint64_t h;
-    uint32_t n;
-    uint8_t b[CACHE_MAXLEN];
-} CacheEnt;
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Phase 2: extraction into Arrow buffers                                                                      */
+/* ---------------------------------------------------------------------------------------------------------- */
 
-/* A column being built: owned references, turned into a list at the end (cheaper than growing lists). */
+/* A growable byte buffer. */
 typedef struct {
-    PyObject **items;
-    Py_ssize_t n, cap, max; /* max: upper bound from the validation pass (for the first allocation) */
-} Vec;
+    uint8_t *p;
+    size_t n, cap;
+} Buf;
+
+static int
+buf_grow(Buf *b, size_t need)
+{
+    size_t cap = b->cap ? b->cap : 64;
+    while (cap < need) {
+        if (cap > SIZE_MAX / 2) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        cap *= 2;
+    }
+    uint8_t *p = PyMem_RawRealloc(b->p, cap);
+    if (!p) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+HOT int
+buf_reserve(Buf *b, size_t extra)
+{
+    if (b->cap - b->n >= extra) return 0;
+    if (extra > SIZE_MAX - b->n) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return buf_grow(b, b->n + extra);
+}
+
+static void
+buf_free(Buf *b)
+{
+    PyMem_RawFree(b->p);
+    b->p = NULL;
+    b->n = b->cap = 0;
+}
+
+/* Values are stored in native byte order, which is what Arrow buffers hold. */
+HOT int
+put_i32(Buf *b, int32_t v)
+{
+    if (buf_reserve(b, 4) < 0) return -1;
+    memcpy(b->p + b->n, &v, 4);
+    b->n += 4;
+    return 0;
+}
+
+HOT int
+put_i64(Buf *b, int64_t v)
+{
+    if (buf_reserve(b, 8) < 0) return -1;
+    memcpy(b->p + b->n, &v, 8);
+    b->n += 8;
+    return 0;
+}
+
+HOT int
+put_f64(Buf *b, double v)
+{
+    if (buf_reserve(b, 8) < 0) return -1;
+    memcpy(b->p + b->n, &v, 8);
+    b->n += 8;
+    return 0;
+}
+
+static inline int32_t
+get_i32(const Buf *b, size_t i)
+{
+    int32_t v;
+    memcpy(&v, b->p + 4 * i, 4);
+    return v;
+}
+
+/* Sets bit `row` of a validity bitmap (bytes past the end are added as zero). Every row's bit is written, so a
+ * truncated bitmap needs no clearing. */
+HOT int
+put_bit(Buf *b, size_t row, int valid)
+{
+    size_t byte = row >> 3;
+    if (byte >= b->n) {
+        size_t add = byte + 1 - b->n;
+        if (buf_reserve(b, add) < 0) return -1;
+        memset(b->p + b->n, 0, add);
+        b->n += add;
+    }
+    if (valid)
+        b->p[byte] |= (uint8_t)(1u << (row & 7));
+    else
+        b->p[byte] &= (uint8_t)~(1u << (row & 7));
+    return 0;
+}
+
+/* A string column: offsets (int32, rows + 1) into UTF-8 data, and a validity bitmap if it is nullable. */
+typedef struct {
+    Buf off, data, valid;
+    int nullable;
+    const char *name;
+} StrCol;
+
+/* A list column: offsets (int32, rows + 1) into its child column, and its validity bitmap. */
+typedef struct {
+    Buf off, valid;
+} ListCol;
 
 typedef struct {
-    Vec col[NCOLS];
+    /* spans (SPAN_SCHEMA) */
+    StrCol trace, span, parent, name, smsg, service, scope, res;
+    Buf kind, start, stop, code;
+    /* numbers (NUMBER_SCHEMA) */
+    Buf num_idx, num_val;
+    StrCol num_key;
+    /* strings (STRING_SCHEMA) */
+    Buf str_idx;
+    StrCol str_key, str_val;
+    /* arrays (ARRAY_SCHEMA) */
+    Buf arr_idx, nums_val;
+    StrCol arr_key, strs_val;
+    ListCol nums, strs;
+
+    Py_ssize_t nspans;
     PyObject *reasons;
     Py_ssize_t received, dropped, rejected;
     int keep_all;
@@ -388,15 +553,118 @@ typedef struct {
     const char **pfx;
     Py_ssize_t *pfxlen; /* -1: the prefix cannot match (not encodable as UTF-8) */
     PyObject *resource_fn, *value_fn;
-    CacheEnt *cache;
-    uint8_t tid[16];
-    PyObject *tid_str; /* hex of tid (trace ids repeat within a request) */
+    size_t max_text; /* bytes of text one string column may hold (Arrow's int32 offsets) */
 } St;
+
+static inline size_t
+rows_of(const Buf *offsets)
+{
+    return offsets->n / 4 - 1;
+}
+
+static int
+str_init(StrCol *c, const char *name, int nullable, size_t rows, size_t bytes)
+{
+    c->name = name;
+    c->nullable = nullable;
+    if (buf_reserve(&c->off, 4 * (rows + 1)) < 0 || buf_reserve(&c->data, bytes) < 0) return -1;
+    if (nullable && buf_reserve(&c->valid, rows / 8 + 1) < 0) return -1;
+    return put_i32(&c->off, 0);
+}
+
+static void
+str_free(StrCol *c)
+{
+    buf_free(&c->off);
+    buf_free(&c->data);
+    buf_free(&c->valid);
+}
+
+static int
+too_much_text(const StrCol *c, size_t limit)
+{
+    PyErr_Format(DecodeError, "request too large to store: the %s column would hold more than %zu bytes of text",
+                 c->name, limit);
+    return -1;
+}
+
+/* Appends the end offset of a new row (its data is already written) and its validity bit. */
+HOT int
+str_end_row(StrCol *c, int valid)
+{
+    size_t row = rows_of(&c->off);
+    if (put_i32(&c->off, (int32_t)c->data.n) < 0) return -1;
+    return c->nullable ? put_bit(&c->valid, row, valid) : 0;
+}
+
+HOT int
+str_put(St *st, StrCol *c, const void *p, size_t n)
+{
+    if (n > st->max_text - c->data.n) return too_much_text(c, st->max_text);
+    if (buf_reserve(&c->data, n) < 0) return -1;
+    if (n) memcpy(c->data.p + c->data.n, p, n);
+    c->data.n += n;
+    return str_end_row(c, 1);
+}
+
+/* The lowercase hex of n bytes as a new row. */
+HOT int
+str_put_hex(St *st, StrCol *c, const uint8_t *p, size_t n)
+{
+    static const char digits[] = "0123456789abcdef";
+    if (n > (st->max_text - c->data.n) / 2) return too_much_text(c, st->max_text);
+    if (!n) return str_end_row(c, 1);
+    if (buf_reserve(&c->data, 2 * n) < 0) return -1;
+    char *d = (char *)c->data.p + c->data.n;
+    for (size_t i = 0; i < n; i++) {
+        d[2 * i] = digits[p[i] >> 4];
+        d[2 * i + 1] = digits[p[i] & 15];
+    }
+    c->data.n += 2 * n;
+    return str_end_row(c, 1);
+}
+
+HOT int
+str_put_null(StrCol *c)
+{
+    return str_end_row(c, 0);
+}
+
+/* The UTF-8 of a str as a new row. */
+static int
+str_put_obj(St *st, StrCol *c, PyObject *s)
+{
+    if (!PyUnicode_Check(s)) {
+        PyErr_Format(PyExc_TypeError, "value helper returned a %.100s where a str was expected", Py_TYPE(s)->tp_name);
+        return -1;
+    }
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(s, &n);
+    if (!u) return -1;
+    return str_put(st, c, u, (size_t)n);
+}
+
+static void
+str_truncate(StrCol *c, size_t rows)
+{
+    c->off.n = 4 * (rows + 1);
+    c->data.n = (size_t)get_i32(&c->off, rows);
+}
+
+HOT int
+list_end_row(ListCol *l, size_t child_rows, int valid)
+{
+    size_t row = rows_of(&l->off);
+    if (put_i32(&l->off, (int32_t)child_rows) < 0) return -1;
+    return put_bit(&l->valid, row, valid);
+}
 
 typedef struct {
     const uint8_t *p, *end; /* the ResourceSpans */
     int done;
-    PyObject *service, *res_json;
+    PyObject *service, *res_json; /* what the resource helper returned */
+    const char *svc_p, *res_p;    /* their UTF-8 (svc_p NULL: no service name) */
+    Py_ssize_t svc_n, res_n;
 } Rs;
 
 static int
@@ -404,48 +672,6 @@ malformed(void)
 {
     PyErr_SetString(DecodeError, "invalid ExportTraceServiceRequest: wire format is corrupt");
     return -1;
-}
-
-static inline uint64_t
-hash_bytes(const uint8_t *p, size_t n)
-{
-    uint64_t h = 0x9E3779B97F4A7C15ULL ^ n;
-    while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        h = (h ^ w) * 0xff51afd7ed558ccdULL;
-        h ^= h >> 32;
-        p += 8;
-        n -= 8;
-    }
-    if (n) {
-        uint64_t w = 0;
-        memcpy(&w, p, n);
-        h = (h ^ w) * 0xff51afd7ed558ccdULL;
-        h ^= h >> 32;
-    }
-    return h ^ (h >> 29);
-}
-
-/* New reference to the str of UTF-8 bytes (already validated). */
-static PyObject *
-get_str(St *st, const uint8_t *p, size_t n)
-{
-    if (n > CACHE_MAXLEN) return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, NULL);
-    uint64_t h = hash_bytes(p, n);
-    CacheEnt *e = &st->cache[h & (CACHE_SLOTS - 1)];
-    if (e->h == h && e->n == n && e->s && memcmp(e->b, p, n) == 0) {
-        Py_INCREF(e->s);
-        return e->s;
-    }
-    PyObject *s = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, NULL);
-    if (!s) return NULL;
-    Py_XSETREF(e->s, s);
-    Py_INCREF(s);
-    e->h = h;
-    e->n = (uint32_t)n;
-    if (n) memcpy(e->b, p, n);
-    return s;
 }
 
 static PyObject *
@@ -460,74 +686,6 @@ hex_str(const uint8_t *p, size_t n)
         d[2 * i + 1] = (Py_UCS1)digits[p[i] & 15];
     }
     return s;
-}
-
-static int
-vec_grow(Vec *v)
-{
-    Py_ssize_t cap = v->cap ? v->cap * 2 : (v->max < 256 ? 256 : (v->max < 4096 ? v->max : 4096));
-    if (cap > PY_SSIZE_T_MAX / (Py_ssize_t)sizeof(PyObject *)) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    PyObject **items = PyMem_Realloc(v->items, (size_t)cap * sizeof(PyObject *));
-    if (!items) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    v->items = items;
-    v->cap = cap;
-    return 0;
-}
-
-/* Appends obj (a new reference, may be NULL after a failed call); always consumes obj. */
-HOT int
-push(Vec *v, PyObject *obj)
-{
-    if (!obj) return -1;
-    if (v->n == v->cap && vec_grow(v) < 0) {
-        Py_DECREF(obj);
-        return -1;
-    }
-    v->items[v->n++] = obj;
-    return 0;
-}
-
-/* Appends a borrowed reference. */
-HOT int
-push_ref(Vec *v, PyObject *obj)
-{
-    Py_INCREF(obj);
-    return push(v, obj);
-}
-
-static void
-vec_truncate(Vec *v, Py_ssize_t n)
-{
-    while (v->n > n) {
-        v->n--;
-        Py_DECREF(v->items[v->n]);
-    }
-}
-
-/* The list of the items (moved out of v). */
-static PyObject *
-vec_to_list(Vec *v)
-{
-    PyObject *list = PyList_New(v->n);
-    if (!list) return NULL;
-    for (Py_ssize_t i = 0; i < v->n; i++) PyList_SET_ITEM(list, i, v->items[i]);
-    v->n = 0;
-    return list;
-}
-
-static void
-vec_free(Vec *v)
-{
-    vec_truncate(v, 0);
-    PyMem_Free(v->items);
-    v->items = NULL;
-    v->cap = 0;
 }
 
 static inline int
@@ -562,7 +720,7 @@ kv_key(const uint8_t *p, const uint8_t *end, Bytes *key)
     key->n = 0;
     while (p < end) {
         if (next_field(&p, end, &f) < 0) return malformed();
-        if (f.fn == 1 && f.wt == WT_LEN) {
+        if (f.tag == TAG(1, WT_LEN)) {
             key->p = f.data;
             key->n = f.len;
         }
@@ -574,13 +732,11 @@ kv_key(const uint8_t *p, const uint8_t *end, Bytes *key)
 static inline int
 any_member(const Fld *f)
 {
-    switch (f->fn) {
-    case 1: case 5: case 6: case 7:
-        return f->wt == WT_LEN ? (int)f->fn : 0;
-    case 2: case 3: case 8:
-        return f->wt == WT_VARINT ? (int)f->fn : 0;
-    case 4:
-        return f->wt == WT_I64 ? 4 : 0;
+    switch (f->tag) {
+    case TAG(1, WT_LEN): case TAG(5, WT_LEN): case TAG(6, WT_LEN): case TAG(7, WT_LEN):
+    case TAG(2, WT_VARINT): case TAG(3, WT_VARINT): case TAG(8, WT_VARINT):
+    case TAG(4, WT_I64):
+        return (int)FN(*f);
     default:
         return 0;
     }
@@ -634,132 +790,90 @@ call_value_fn(St *st, const uint8_t *p, size_t n, PyTypeObject *want)
     return r;
 }
 
-static inline void
-set_bad(PyObject **bad, PyObject *reason)
+/* Replaces *bad with "attribute <key> <fmt...>" (the key as text); 0 or -1. */
+static int
+set_bad_key(PyObject **bad, Bytes key, const char *what, const char *arg)
 {
+    PyObject *k = PyUnicode_DecodeUTF8((const char *)key.p, (Py_ssize_t)key.n, NULL);
+    if (!k) return -1;
+    PyObject *reason = arg ? PyUnicode_FromFormat("attribute %U %s (%s)", k, what, arg)
+                           : PyUnicode_FromFormat("attribute %U %s", k, what);
+    Py_DECREF(k);
+    if (!reason) return -1;
     Py_XSETREF(*bad, reason);
-}
-
-/* The elements of an all-numeric (floats) or all-string (str) array, in wire order. */
-static PyObject *
-array_list(St *st, const uint8_t *run, const uint8_t *vend, Py_ssize_t count, int numeric, int *finite)
-{
-    Fld f, e, last = {0};
-    int member;
-    Py_ssize_t i = 0;
-    PyObject *list = PyList_New(count);
-    if (!list) return NULL;
-    const uint8_t *q = run;
-    while (q < vend) {
-        if (next_field(&q, vend, &f) < 0) goto malformed;
-        if (f.fn != 5 || f.wt != WT_LEN) continue;
-        const uint8_t *a = f.data, *aend = f.data + f.len;
-        while (a < aend) {
-            if (next_field(&a, aend, &e) < 0) goto malformed;
-            if (e.fn != 1 || e.wt != WT_LEN) continue;
-            if (any_last(e.data, e.data + e.len, &member, &last) < 0) goto fail;
-            if (i >= count) goto malformed;
-            PyObject *item;
-            if (numeric) {
-                double d = num_of(member, last.v);
-                if (!isfinite(d)) *finite = 0;
-                item = PyFloat_FromDouble(d);
-            }
-            else {
-                item = get_str(st, last.data, last.len);
-            }
-            if (!item) goto fail;
-            PyList_SET_ITEM(list, i, item);
-            i++;
-        }
-    }
-    if (i == count) return list;
-malformed:
-    malformed();
-fail:
-    Py_DECREF(list); /* unset items are NULL, which list_dealloc skips */
-    return NULL;
+    return 0;
 }
 
 /* An array value: the elements of the trailing run of array_value occurrences (from `run`). */
 static int
-add_array(St *st, Bytes key, PyObject *idx, const uint8_t *run, const uint8_t *vstart, const uint8_t *vend,
+add_array(St *st, Bytes key, int32_t idx, const uint8_t *run, const uint8_t *vstart, const uint8_t *vend,
           PyObject **bad)
 {
     Fld f, e, last = {0};
-    Py_ssize_t count = 0;
     int all_num = 1, all_str = 1, member, finite = 1;
     const uint8_t *q = run;
-    while (q < vend) {
+    while (q < vend) { /* classify the elements */
         if (next_field(&q, vend, &f) < 0) return malformed();
-        if (f.fn != 5 || f.wt != WT_LEN) continue;
+        if (f.tag != TAG(5, WT_LEN)) continue;
         const uint8_t *a = f.data, *aend = f.data + f.len;
         while (a < aend) {
             if (next_field(&a, aend, &e) < 0) return malformed();
-            if (e.fn != 1 || e.wt != WT_LEN) continue;
+            if (e.tag != TAG(1, WT_LEN)) continue;
             if (any_last(e.data, e.data + e.len, &member, &last) < 0) return -1;
-            count++;
             if (member < 2 || member > 4) all_num = 0;
             if (member != 1) all_str = 0;
         }
     }
-    PyObject *nums = NULL, *strs = NULL;
-    if (all_num) { /* also the empty array, like the reference (the set of kinds is a subset) */
-        if (!(nums = array_list(st, run, vend, count, 1, &finite))) return -1;
+    if (put_i32(&st->arr_idx, idx) < 0 || str_put(st, &st->arr_key, key.p, key.n) < 0) return -1;
+    if (all_num || all_str) { /* all-numeric also takes the empty array, like the reference */
+        q = run;
+        while (q < vend) {
+            if (next_field(&q, vend, &f) < 0) return malformed();
+            if (f.tag != TAG(5, WT_LEN)) continue;
+            const uint8_t *a = f.data, *aend = f.data + f.len;
+            while (a < aend) {
+                if (next_field(&a, aend, &e) < 0) return malformed();
+                if (e.tag != TAG(1, WT_LEN)) continue;
+                if (any_last(e.data, e.data + e.len, &member, &last) < 0) return -1;
+                if (all_num) {
+                    double d = num_of(member, last.v);
+                    if (!isfinite(d)) finite = 0;
+                    if (put_f64(&st->nums_val, d) < 0) return -1;
+                }
+                else if (str_put(st, &st->strs_val, last.data, last.len) < 0) {
+                    return -1;
+                }
+            }
+        }
     }
-    else if (all_str) {
-        if (!(strs = array_list(st, run, vend, count, 0, &finite))) return -1;
+    else { /* mixed: the element texts come from Python */
+        PyObject *list = call_value_fn(st, vstart, (size_t)(vend - vstart), &PyList_Type);
+        if (!list) return -1;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
+            if (str_put_obj(st, &st->strs_val, PyList_GET_ITEM(list, i)) < 0) {
+                Py_DECREF(list);
+                return -1;
+            }
+        }
+        Py_DECREF(list);
     }
-    else {
-        if (!(strs = call_value_fn(st, vstart, (size_t)(vend - vstart), &PyList_Type))) return -1;
-    }
-    PyObject *keyobj = get_str(st, key.p, key.n);
-    if (!keyobj) {
-        Py_XDECREF(nums);
-        Py_XDECREF(strs);
+    if (list_end_row(&st->nums, st->nums_val.n / 8, all_num) < 0 ||
+        list_end_row(&st->strs, rows_of(&st->strs_val.off), !all_num) < 0) {
         return -1;
     }
-    if (!nums) nums = Py_NewRef(Py_None);
-    if (!strs) strs = Py_NewRef(Py_None);
-    int r = 0;
-    if (push_ref(&st->col[C_ARR_SPAN], idx) < 0 || push_ref(&st->col[C_ARR_KEY], keyobj) < 0 ||
-        push_ref(&st->col[C_ARR_NUMS], nums) < 0 || push_ref(&st->col[C_ARR_STRS], strs) < 0) {
-        r = -1;
-    }
-    else if (!finite) {
-        PyObject *reason = PyUnicode_FromFormat("attribute %U holds a non-finite number", keyobj);
-        if (!reason)
-            r = -1;
-        else
-            set_bad(bad, reason);
-    }
-    Py_DECREF(keyobj);
-    Py_DECREF(nums);
-    Py_DECREF(strs);
-    return r;
+    if (!finite) return set_bad_key(bad, key, "holds a non-finite number", NULL);
+    return 0;
 }
 
 static int
-add_str(St *st, Bytes key, PyObject *idx, PyObject *val)
+add_str_row(St *st, Bytes key, int32_t idx)
 {
-    if (!val) return -1;
-    PyObject *keyobj = get_str(st, key.p, key.n);
-    if (!keyobj) {
-        Py_DECREF(val);
-        return -1;
-    }
-    int r = (push_ref(&st->col[C_STR_SPAN], idx) < 0 || push_ref(&st->col[C_STR_KEY], keyobj) < 0 ||
-             push_ref(&st->col[C_STR_VAL], val) < 0)
-                ? -1
-                : 0;
-    Py_DECREF(keyobj);
-    Py_DECREF(val);
-    return r;
+    return (put_i32(&st->str_idx, idx) < 0 || str_put(st, &st->str_key, key.p, key.n) < 0) ? -1 : 0;
 }
 
 /* One (merged) AnyValue [vp, vend) of the attribute `key`. */
 static int
-add_value(St *st, Bytes key, PyObject *idx, const uint8_t *vp, const uint8_t *vend, PyObject **bad)
+add_value(St *st, Bytes key, int32_t idx, const uint8_t *vp, const uint8_t *vend, PyObject **bad)
 {
     Fld f, last = {0};
     int member = 0;
@@ -778,39 +892,36 @@ add_value(St *st, Bytes key, PyObject *idx, const uint8_t *vp, const uint8_t *ve
     case 0:
         return 0;
     case 1:
-        return add_str(st, key, idx, get_str(st, last.data, last.len));
+        if (add_str_row(st, key, idx) < 0) return -1;
+        return str_put(st, &st->str_val, last.data, last.len);
     case 7:
-        return add_str(st, key, idx, hex_str(last.data, last.len));
-    case 6: case 8:
-        return add_str(st, key, idx, call_value_fn(st, vp, (size_t)(vend - vp), &PyUnicode_Type));
+        if (add_str_row(st, key, idx) < 0) return -1;
+        return str_put_hex(st, &st->str_val, last.data, last.len);
+    case 6: case 8: {
+        PyObject *text = call_value_fn(st, vp, (size_t)(vend - vp), &PyUnicode_Type);
+        if (!text) return -1;
+        int r = (add_str_row(st, key, idx) < 0 || str_put_obj(st, &st->str_val, text) < 0) ? -1 : 0;
+        Py_DECREF(text);
+        return r;
+    }
     case 5:
         return add_array(st, key, idx, run, vp, vend, bad);
     default: { /* 2 bool, 3 int, 4 double */
         double d = num_of(member, last.v);
-        PyObject *keyobj = get_str(st, key.p, key.n);
-        if (!keyobj) return -1;
-        int r = 0;
-        if (push_ref(&st->col[C_NUM_SPAN], idx) < 0 || push_ref(&st->col[C_NUM_KEY], keyobj) < 0 ||
-            push(&st->col[C_NUM_VAL], PyFloat_FromDouble(d)) < 0) {
-            r = -1;
+        if (put_i32(&st->num_idx, idx) < 0 || str_put(st, &st->num_key, key.p, key.n) < 0 ||
+            put_f64(&st->num_val, d) < 0) {
+            return -1;
         }
-        else if (!isfinite(d)) {
-            PyObject *reason = PyUnicode_FromFormat("attribute %U is not a finite number (%s)", keyobj,
-                                                    isnan(d) ? "nan" : (d > 0 ? "inf" : "-inf"));
-            if (!reason)
-                r = -1;
-            else
-                set_bad(bad, reason);
-        }
-        Py_DECREF(keyobj);
-        return r;
+        if (!isfinite(d))
+            return set_bad_key(bad, key, "is not a finite number", isnan(d) ? "nan" : (d > 0 ? "inf" : "-inf"));
+        return 0;
     }
     }
 }
 
 /* One KeyValue of a kept span. */
 static int
-add_kv(St *st, const uint8_t *p, const uint8_t *end, PyObject *idx, PyObject **bad)
+add_kv(St *st, const uint8_t *p, const uint8_t *end, int32_t idx, PyObject **bad)
 {
     Fld f;
     Bytes key = {(const uint8_t *)"", 0}, val = {NULL, 0};
@@ -818,12 +929,11 @@ add_kv(St *st, const uint8_t *p, const uint8_t *end, PyObject *idx, PyObject **b
     const uint8_t *q = p;
     while (q < end) {
         if (next_field(&q, end, &f) < 0) return malformed();
-        if (f.wt != WT_LEN) continue;
-        if (f.fn == 1) {
+        if (f.tag == TAG(1, WT_LEN)) {
             key.p = f.data;
             key.n = f.len;
         }
-        else if (f.fn == 2) {
+        else if (f.tag == TAG(2, WT_LEN)) {
             if (!nvals) {
                 val.p = f.data;
                 val.n = f.len;
@@ -847,7 +957,7 @@ add_kv(St *st, const uint8_t *p, const uint8_t *end, PyObject *idx, PyObject **b
             PyMem_Free(buf);
             return malformed();
         }
-        if (f.fn == 2 && f.wt == WT_LEN && off + f.len <= total) {
+        if (f.tag == TAG(2, WT_LEN) && off + f.len <= total) {
             if (f.len) memcpy(buf + off, f.data, f.len);
             off += f.len;
         }
@@ -857,19 +967,49 @@ add_kv(St *st, const uint8_t *p, const uint8_t *end, PyObject *idx, PyObject **b
     return r;
 }
 
-static int
-reject(St *st, Bytes sid, Bytes name, PyObject *bad)
+/* A span name as quoted in a reason: repr() of its first MAX_NAME characters, plus an ellipsis when cut
+ * (decode.quote_name). Only the bytes of those characters are decoded. */
+static PyObject *
+quoted_name(Bytes name)
 {
-    /* consumes bad */
+    size_t chars = 0, cut = name.n;
+    for (size_t i = 0; i < name.n; i++) {
+        if ((name.p[i] & 0xC0) != 0x80 && chars++ == MAX_NAME) { /* the first byte of character MAX_NAME + 1 */
+            cut = i;
+            break;
+        }
+    }
+    PyObject *s = PyUnicode_DecodeUTF8((const char *)name.p, (Py_ssize_t)cut, NULL);
+    if (s && cut < name.n) {
+        PyObject *ell = PyUnicode_FromOrdinal(0x2026);
+        PyObject *cat = ell ? PyUnicode_Concat(s, ell) : NULL;
+        Py_XDECREF(ell);
+        Py_SETREF(s, cat);
+    }
+    if (!s) return NULL;
+    PyObject *r = PyObject_Repr(s);
+    Py_DECREF(s);
+    return r;
+}
+
+/* Counts a rejected span and, for the first MAX_REASONS, records why. Consumes bad (may be NULL when the
+ * reason is `what`, a plain message). */
+static int
+reject(St *st, Bytes sid, Bytes name, PyObject *bad, const char *what, size_t got)
+{
     st->rejected++;
     if (PyList_GET_SIZE(st->reasons) >= MAX_REASONS) {
-        Py_DECREF(bad);
+        Py_XDECREF(bad);
         return 0;
     }
+    if (!bad) {
+        bad = got == (size_t)-1 ? PyUnicode_FromString(what) : PyUnicode_FromFormat(what, got);
+        if (!bad) return -1;
+    }
     PyObject *sidhex = sid.n ? hex_str(sid.p, sid.n) : PyUnicode_FromString("<empty>");
-    PyObject *nameobj = PyUnicode_DecodeUTF8((const char *)name.p, (Py_ssize_t)name.n, NULL);
+    PyObject *nameobj = quoted_name(name);
     PyObject *msg = NULL;
-    if (sidhex && nameobj) msg = PyUnicode_FromFormat("span %U (%R): %U", sidhex, nameobj, bad);
+    if (sidhex && nameobj) msg = PyUnicode_FromFormat("span %U (%U): %U", sidhex, nameobj, bad);
     Py_XDECREF(sidhex);
     Py_XDECREF(nameobj);
     Py_DECREF(bad);
@@ -888,7 +1028,7 @@ resource_fields(St *st, Rs *rs)
     const uint8_t *q = rs->p;
     while (q < rs->end) {
         if (next_field(&q, rs->end, &f) < 0) return malformed();
-        if (f.fn == 1 && f.wt == WT_LEN) total += f.len;
+        if (f.tag == TAG(1, WT_LEN)) total += f.len;
     }
     if (total >= PY_SSIZE_T_MAX) return malformed();
     PyObject *raw = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
@@ -901,7 +1041,7 @@ resource_fields(St *st, Rs *rs)
             Py_DECREF(raw);
             return malformed();
         }
-        if (f.fn == 1 && f.wt == WT_LEN && off + f.len <= total) {
+        if (f.tag == TAG(1, WT_LEN) && off + f.len <= total) {
             if (f.len) memcpy(dst + off, f.data, f.len);
             off += f.len;
         }
@@ -909,20 +1049,41 @@ resource_fields(St *st, Rs *rs)
     PyObject *r = PyObject_CallOneArg(st->resource_fn, raw);
     Py_DECREF(raw);
     if (!r) return -1;
-    if (!PyTuple_CheckExact(r) || PyTuple_GET_SIZE(r) != 2) {
+    if (!PyTuple_CheckExact(r) || PyTuple_GET_SIZE(r) != 2 ||
+        !(PyTuple_GET_ITEM(r, 0) == Py_None || PyUnicode_Check(PyTuple_GET_ITEM(r, 0))) ||
+        !PyUnicode_Check(PyTuple_GET_ITEM(r, 1))) {
         Py_DECREF(r);
-        PyErr_SetString(PyExc_TypeError, "resource helper must return a (service, json) tuple");
+        PyErr_SetString(PyExc_TypeError, "resource helper must return a (str | None, str) tuple");
         return -1;
     }
     rs->service = Py_NewRef(PyTuple_GET_ITEM(r, 0));
     rs->res_json = Py_NewRef(PyTuple_GET_ITEM(r, 1));
-    rs->done = 1;
     Py_DECREF(r);
+    if (rs->service != Py_None && !(rs->svc_p = PyUnicode_AsUTF8AndSize(rs->service, &rs->svc_n))) return -1;
+    if (!(rs->res_p = PyUnicode_AsUTF8AndSize(rs->res_json, &rs->res_n))) return -1;
+    rs->done = 1;
     return 0;
 }
 
+static void
+truncate_attributes(St *st, size_t n0, size_t s0, size_t a0)
+{
+    st->num_idx.n = 4 * n0;
+    st->num_val.n = 8 * n0;
+    str_truncate(&st->num_key, n0);
+    st->str_idx.n = 4 * s0;
+    str_truncate(&st->str_key, s0);
+    str_truncate(&st->str_val, s0);
+    st->arr_idx.n = 4 * a0;
+    str_truncate(&st->arr_key, a0);
+    st->nums.off.n = 4 * (a0 + 1);
+    st->nums_val.n = 8 * (size_t)get_i32(&st->nums.off, a0);
+    st->strs.off.n = 4 * (a0 + 1);
+    str_truncate(&st->strs_val, (size_t)get_i32(&st->strs.off, a0));
+}
+
 static int
-add_span(St *st, Rs *rs, PyObject *scope, const uint8_t *p, const uint8_t *end)
+add_span(St *st, Rs *rs, Bytes scope, const uint8_t *p, const uint8_t *end)
 {
     Fld f;
     Bytes tid = {NULL, 0}, sid = {NULL, 0}, pid = {NULL, 0};
@@ -935,47 +1096,50 @@ add_span(St *st, Rs *rs, PyObject *scope, const uint8_t *p, const uint8_t *end)
     st->received++;
     while (q < end) {
         if (next_field(&q, end, &f) < 0) return malformed();
-        switch (f.fn) {
-        case 1: case 2: case 4: case 5: {
-            if (f.wt != WT_LEN) break;
-            Bytes b = {f.data, f.len};
-            if (f.fn == 1)
-                tid = b;
-            else if (f.fn == 2)
-                sid = b;
-            else if (f.fn == 4)
-                pid = b;
-            else
-                name = b;
+        switch (f.tag) { /* a known field with another wire type is an unknown field */
+        case TAG(1, WT_LEN):
+            tid.p = f.data;
+            tid.n = f.len;
             break;
-        }
-        case 6:
-            if (f.wt == WT_VARINT) kind = (int32_t)(uint32_t)f.v;
+        case TAG(2, WT_LEN):
+            sid.p = f.data;
+            sid.n = f.len;
             break;
-        case 7:
-            if (f.wt == WT_I64) start = f.v;
+        case TAG(4, WT_LEN):
+            pid.p = f.data;
+            pid.n = f.len;
             break;
-        case 8:
-            if (f.wt == WT_I64) stop = f.v;
+        case TAG(5, WT_LEN):
+            name.p = f.data;
+            name.n = f.len;
             break;
-        case 9:
-            if (f.wt == WT_LEN && !keep) {
+        case TAG(6, WT_VARINT): /* an int32 enum: upb keeps the low 32 bits of the varint (open enum: any value) */
+            kind = (int32_t)(uint32_t)f.v;
+            break;
+        case TAG(7, WT_I64):
+            start = f.v;
+            break;
+        case TAG(8, WT_I64):
+            stop = f.v;
+            break;
+        case TAG(9, WT_LEN):
+            if (!keep) {
                 Bytes key;
                 if (kv_key(f.data, f.data + f.len, &key) < 0) return -1;
                 keep = prefix_match(st, key.p, key.n);
             }
             break;
-        case 15: /* status: merged field by field */
-            if (f.wt == WT_LEN) {
+        case TAG(15, WT_LEN): /* status: merged field by field */
+            {
                 Fld g;
                 const uint8_t *s = f.data, *send = f.data + f.len;
                 while (s < send) {
                     if (next_field(&s, send, &g) < 0) return malformed();
-                    if (g.fn == 2 && g.wt == WT_LEN) {
+                    if (g.tag == TAG(2, WT_LEN)) {
                         smsg.p = g.data;
                         smsg.n = g.len;
                     }
-                    else if (g.fn == 3 && g.wt == WT_VARINT) {
+                    else if (g.tag == TAG(3, WT_VARINT)) {
                         code = (int32_t)(uint32_t)g.v;
                     }
                 }
@@ -990,72 +1154,50 @@ add_span(St *st, Rs *rs, PyObject *scope, const uint8_t *p, const uint8_t *end)
         return 0;
     }
 
-    PyObject *bad = NULL;
     if (tid.n != 16 || is_zero(tid.p, 16))
-        bad = PyUnicode_FromFormat("trace_id must be 16 bytes and not all zero (got %zu bytes)", tid.n);
-    else if (sid.n != 8 || is_zero(sid.p, 8))
-        bad = PyUnicode_FromFormat("span_id must be 8 bytes and not all zero (got %zu bytes)", sid.n);
-    else if (pid.n && pid.n != 8)
-        bad = PyUnicode_FromFormat("parent_span_id must be empty or 8 bytes (got %zu bytes)", pid.n);
-    else if (start == 0)
-        bad = PyUnicode_FromString("start_time_unix_nano is missing");
-    else if (stop < start)
-        bad = PyUnicode_FromString("end_time_unix_nano is before start_time_unix_nano");
-    else
-        goto valid;
-    if (!bad) return -1;
-    return reject(st, sid, name, bad);
+        return reject(st, sid, name, NULL, "trace_id must be 16 bytes and not all zero (got %zu bytes)", tid.n);
+    if (sid.n != 8 || is_zero(sid.p, 8))
+        return reject(st, sid, name, NULL, "span_id must be 8 bytes and not all zero (got %zu bytes)", sid.n);
+    if (pid.n && pid.n != 8)
+        return reject(st, sid, name, NULL, "parent_span_id must be empty or 8 bytes (got %zu bytes)", pid.n);
+    if (start == 0) return reject(st, sid, name, NULL, "start_time_unix_nano is missing", (size_t)-1);
+    if (stop == 0) return reject(st, sid, name, NULL, "end_time_unix_nano is missing", (size_t)-1);
+    if (stop < start)
+        return reject(st, sid, name, NULL, "end_time_unix_nano is before start_time_unix_nano", (size_t)-1);
 
-valid:;
-    Py_ssize_t n0 = st->col[C_NUM_KEY].n, s0 = st->col[C_STR_KEY].n, a0 = st->col[C_ARR_KEY].n;
-    PyObject *idx = PyLong_FromSsize_t(st->col[C_TRACE].n);
-    if (!idx) return -1;
+    size_t n0 = st->num_idx.n / 4, s0 = st->str_idx.n / 4, a0 = st->arr_idx.n / 4;
+    int32_t idx = (int32_t)st->nspans;
+    PyObject *bad = NULL;
     q = p;
     while (q < end) {
         if (next_field(&q, end, &f) < 0) {
-            malformed();
-            goto fail;
+            Py_XDECREF(bad);
+            return malformed();
         }
-        if (f.fn == 9 && f.wt == WT_LEN && add_kv(st, f.data, f.data + f.len, idx, &bad) < 0) goto fail;
+        if (f.tag == TAG(9, WT_LEN) && add_kv(st, f.data, f.data + f.len, idx, &bad) < 0) {
+            Py_XDECREF(bad);
+            return -1;
+        }
     }
-    Py_CLEAR(idx);
     if (bad) {
-        for (int c = C_NUM_SPAN; c <= C_ARR_STRS; c++) {
-            Py_ssize_t n = c <= C_NUM_VAL ? n0 : (c <= C_STR_VAL ? s0 : a0);
-            vec_truncate(&st->col[c], n);
-        }
-        return reject(st, sid, name, bad);
+        truncate_attributes(st, n0, s0, a0);
+        return reject(st, sid, name, bad, NULL, 0);
     }
     if (!rs->done && resource_fields(st, rs) < 0) return -1;
 
-    PyObject *tidstr;
-    if (st->tid_str && memcmp(st->tid, tid.p, 16) == 0) {
-        tidstr = Py_NewRef(st->tid_str);
-    }
-    else {
-        tidstr = hex_str(tid.p, 16);
-        if (!tidstr) return -1;
-        memcpy(st->tid, tid.p, 16);
-        Py_XSETREF(st->tid_str, Py_NewRef(tidstr));
-    }
-    if (push(&st->col[C_TRACE], tidstr) < 0 || push(&st->col[C_SPAN], hex_str(sid.p, 8)) < 0 ||
-        push(&st->col[C_PARENT], pid.n ? hex_str(pid.p, pid.n) : Py_NewRef(Py_None)) < 0 ||
-        push(&st->col[C_NAME], get_str(st, name.p, name.n)) < 0 ||
-        push(&st->col[C_KIND], PyLong_FromLong(kind)) < 0 ||
-        push(&st->col[C_START], PyLong_FromUnsignedLongLong(start / 1000)) < 0 ||
-        push(&st->col[C_END], PyLong_FromUnsignedLongLong(stop / 1000)) < 0 ||
-        push(&st->col[C_SCODE], PyLong_FromLong(code)) < 0 ||
-        push(&st->col[C_SMSG], smsg.n ? get_str(st, smsg.p, smsg.n) : Py_NewRef(Py_None)) < 0 ||
-        push_ref(&st->col[C_SERVICE], rs->service) < 0 || push_ref(&st->col[C_SCOPE], scope) < 0 ||
-        push_ref(&st->col[C_RES], rs->res_json) < 0) {
+    if (str_put_hex(st, &st->trace, tid.p, 16) < 0 || str_put_hex(st, &st->span, sid.p, 8) < 0 ||
+        (pid.n && !is_zero(pid.p, 8) ? str_put_hex(st, &st->parent, pid.p, 8) : str_put_null(&st->parent)) < 0 ||
+        str_put(st, &st->name, name.p, name.n) < 0 || put_i32(&st->kind, kind) < 0 ||
+        put_i64(&st->start, (int64_t)(start / 1000)) < 0 || put_i64(&st->stop, (int64_t)(stop / 1000)) < 0 ||
+        put_i32(&st->code, code) < 0 ||
+        (smsg.n ? str_put(st, &st->smsg, smsg.p, smsg.n) : str_put_null(&st->smsg)) < 0 ||
+        (rs->svc_p ? str_put(st, &st->service, rs->svc_p, (size_t)rs->svc_n) : str_put_null(&st->service)) < 0 ||
+        (scope.n ? str_put(st, &st->scope, scope.p, scope.n) : str_put_null(&st->scope)) < 0 ||
+        str_put(st, &st->res, rs->res_p, (size_t)rs->res_n) < 0) {
         return -1;
     }
+    st->nspans++;
     return 0;
-
-fail:
-    Py_XDECREF(idx);
-    Py_XDECREF(bad);
-    return -1;
 }
 
 static int
@@ -1066,39 +1208,32 @@ add_scope_spans(St *st, Rs *rs, const uint8_t *p, const uint8_t *end)
     const uint8_t *q = p;
     while (q < end) { /* the scope (merged over its occurrences, wherever they are) */
         if (next_field(&q, end, &f) < 0) return malformed();
-        if (f.fn != 1 || f.wt != WT_LEN) continue;
+        if (f.tag != TAG(1, WT_LEN)) continue;
         const uint8_t *s = f.data, *send = f.data + f.len;
         while (s < send) {
             if (next_field(&s, send, &g) < 0) return malformed();
-            if (g.fn == 1 && g.wt == WT_LEN) {
+            if (g.tag == TAG(1, WT_LEN)) {
                 name.p = g.data;
                 name.n = g.len;
             }
         }
     }
-    PyObject *scope = name.n ? get_str(st, name.p, name.n) : Py_NewRef(Py_None);
-    if (!scope) return -1;
-    int r = 0;
     q = p;
     while (q < end) {
-        if (next_field(&q, end, &f) < 0) {
-            r = malformed();
-            break;
-        }
-        if (f.fn == 2 && f.wt == WT_LEN && add_span(st, rs, scope, f.data, f.data + f.len) < 0) {
-            r = -1;
-            break;
-        }
+        if (next_field(&q, end, &f) < 0) return malformed();
+        if (f.tag == TAG(2, WT_LEN) && add_span(st, rs, name, f.data, f.data + f.len) < 0) return -1;
     }
-    Py_DECREF(scope);
-    return r;
+    return 0;
 }
 
 static int
 add_resource_spans(St *st, const uint8_t *p, const uint8_t *end)
 {
     Fld f;
-    Rs rs = {p, end, 0, NULL, NULL};
+    Rs rs;
+    memset(&rs, 0, sizeof rs);
+    rs.p = p;
+    rs.end = end;
     int r = 0;
     const uint8_t *q = p;
     while (q < end) {
@@ -1106,7 +1241,7 @@ add_resource_spans(St *st, const uint8_t *p, const uint8_t *end)
             r = malformed();
             break;
         }
-        if (f.fn == 2 && f.wt == WT_LEN && add_scope_spans(st, &rs, f.data, f.data + f.len) < 0) {
+        if (f.tag == TAG(2, WT_LEN) && add_scope_spans(st, &rs, f.data, f.data + f.len) < 0) {
             r = -1;
             break;
         }
@@ -1114,6 +1249,176 @@ add_resource_spans(St *st, const uint8_t *p, const uint8_t *end)
     Py_XDECREF(rs.service);
     Py_XDECREF(rs.res_json);
     return r;
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Result: the columns as tuples of Buffer objects                                                            */
+/* ---------------------------------------------------------------------------------------------------------- */
+
+/* A Buffer owning b's first `n` bytes (b is emptied); NULL with an exception on failure (b is then freed). */
+static PyObject *
+to_buffer(Buf *b, size_t n)
+{
+    if (n > b->n || n > PY_SSIZE_T_MAX) {
+        buf_free(b);
+        PyErr_SetString(PyExc_SystemError, "_fastdecode: buffer shorter than its column");
+        return NULL;
+    }
+    if (!b->p || b->cap > n + 4096) { /* give memory back (and never hand out a NULL pointer) */
+        uint8_t *p = PyMem_RawRealloc(b->p, n ? n : 8);
+        if (p) {
+            b->p = p;
+            b->cap = n ? n : 8;
+        }
+        else if (!b->p) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+    }
+    BufferObject *o = PyObject_New(BufferObject, &BufferType);
+    if (!o) {
+        buf_free(b);
+        return NULL;
+    }
+    o->p = b->p;
+    o->n = (Py_ssize_t)n;
+    b->p = NULL;
+    b->n = b->cap = 0;
+    return (PyObject *)o;
+}
+
+/* A tuple of the n items (new references, any may be NULL after a failure: then all are released). */
+static PyObject *
+tuple_of(Py_ssize_t n, PyObject **items)
+{
+    PyObject *t = NULL;
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < n; i++) ok &= items[i] != NULL;
+    if (ok) t = PyTuple_New(n);
+    if (!t) {
+        for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(items[i]);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(t, i, items[i]);
+    return t;
+}
+
+/* The validity bitmap of `rows` rows and its null count: (None, 0) when every row is valid. */
+static PyObject *
+validity(Buf *b, size_t rows, Py_ssize_t *nulls)
+{
+    size_t nbytes = (rows + 7) / 8;
+    if (nbytes > b->n) { /* cannot happen: every row sets its bit */
+        PyErr_SetString(PyExc_SystemError, "_fastdecode: validity bitmap shorter than its column");
+        return NULL;
+    }
+    if (rows & 7) b->p[nbytes - 1] &= (uint8_t)((1u << (rows & 7)) - 1); /* zero padding bits */
+    size_t valid = 0;
+    for (size_t i = 0; i < nbytes; i++) valid += (size_t)__builtin_popcount(b->p[i]);
+    *nulls = (Py_ssize_t)(rows - valid);
+    if (!*nulls) {
+        buf_free(b);
+        Py_RETURN_NONE;
+    }
+    return to_buffer(b, nbytes);
+}
+
+/* (rows, null_count, None, values) */
+static PyObject *
+fixed_column(Buf *b, size_t rows, size_t width)
+{
+    PyObject *items[4] = {PyLong_FromSize_t(rows), PyLong_FromLong(0), Py_NewRef(Py_None),
+                          to_buffer(b, rows * width)};
+    return tuple_of(4, items);
+}
+
+/* (rows, null_count, validity | None, offsets, data) */
+static PyObject *
+string_column(StrCol *c)
+{
+    size_t rows = rows_of(&c->off);
+    Py_ssize_t nulls = 0;
+    PyObject *valid = c->nullable ? validity(&c->valid, rows, &nulls) : Py_NewRef(Py_None);
+    PyObject *items[5] = {PyLong_FromSize_t(rows), PyLong_FromSsize_t(nulls), valid,
+                          to_buffer(&c->off, 4 * (rows + 1)), to_buffer(&c->data, c->data.n)};
+    return tuple_of(5, items);
+}
+
+/* (rows, null_count, validity | None, offsets, child column) */
+static PyObject *
+list_column(ListCol *l, PyObject *child)
+{
+    size_t rows = rows_of(&l->off);
+    Py_ssize_t nulls = 0;
+    PyObject *valid = validity(&l->valid, rows, &nulls);
+    PyObject *items[5] = {PyLong_FromSize_t(rows), PyLong_FromSsize_t(nulls), valid,
+                          to_buffer(&l->off, 4 * (rows + 1)), child};
+    return tuple_of(5, items);
+}
+
+static PyObject *
+result_tables(St *st)
+{
+    size_t ns = (size_t)st->nspans, nn = st->num_idx.n / 4, nstr = st->str_idx.n / 4, na = st->arr_idx.n / 4;
+    PyObject *spans[12] = {
+        string_column(&st->trace), string_column(&st->span), string_column(&st->parent),
+        string_column(&st->name), fixed_column(&st->kind, ns, 4), fixed_column(&st->start, ns, 8),
+        fixed_column(&st->stop, ns, 8), fixed_column(&st->code, ns, 4), string_column(&st->smsg),
+        string_column(&st->service), string_column(&st->scope), string_column(&st->res),
+    };
+    PyObject *numbers[3] = {fixed_column(&st->num_idx, nn, 4), string_column(&st->num_key),
+                            fixed_column(&st->num_val, nn, 8)};
+    PyObject *strings[3] = {fixed_column(&st->str_idx, nstr, 4), string_column(&st->str_key),
+                            string_column(&st->str_val)};
+    PyObject *arrays[4] = {
+        fixed_column(&st->arr_idx, na, 4), string_column(&st->arr_key),
+        list_column(&st->nums, fixed_column(&st->nums_val, st->nums_val.n / 8, 8)),
+        list_column(&st->strs, string_column(&st->strs_val)),
+    };
+    PyObject *tables[4] = {tuple_of(12, spans), tuple_of(3, numbers), tuple_of(3, strings), tuple_of(4, arrays)};
+    return tuple_of(4, tables);
+}
+
+static int
+st_init(St *st, Py_ssize_t nspans, Py_ssize_t nkv)
+{
+    size_t s = (size_t)nspans, k = (size_t)nkv;
+    size_t a = k < 64 ? k : 64;
+    if (str_init(&st->trace, "trace_id", 0, s, 32 * s) < 0 || str_init(&st->span, "span_id", 0, s, 16 * s) < 0 ||
+        str_init(&st->parent, "parent_span_id", 1, s, 16 * s) < 0 || str_init(&st->name, "name", 0, s, 16 * s) < 0 ||
+        str_init(&st->smsg, "status_message", 1, s, 0) < 0 ||
+        str_init(&st->service, "service_name", 1, s, 16 * s) < 0 ||
+        str_init(&st->scope, "scope_name", 1, s, 8 * s) < 0 ||
+        str_init(&st->res, "resource_attributes", 0, s, 32 * s) < 0 || buf_reserve(&st->kind, 4 * s) < 0 ||
+        buf_reserve(&st->start, 8 * s) < 0 || buf_reserve(&st->stop, 8 * s) < 0 ||
+        buf_reserve(&st->code, 4 * s) < 0 ||
+        /* numbers and strings: most attributes are one or the other */
+        buf_reserve(&st->num_idx, 4 * k) < 0 || buf_reserve(&st->num_val, 8 * k) < 0 ||
+        str_init(&st->num_key, "span_numbers.key", 0, k, 16 * k) < 0 || buf_reserve(&st->str_idx, 4 * k) < 0 ||
+        str_init(&st->str_key, "span_strings.key", 0, k, 16 * k) < 0 ||
+        str_init(&st->str_val, "span_strings.value", 0, k, 8 * k) < 0 ||
+        buf_reserve(&st->arr_idx, 4 * a) < 0 || str_init(&st->arr_key, "span_arrays.key", 0, a, 16 * a) < 0 ||
+        str_init(&st->strs_val, "span_arrays.strings", 0, a, 8 * a) < 0 || put_i32(&st->nums.off, 0) < 0 ||
+        put_i32(&st->strs.off, 0) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+static void
+st_free(St *st)
+{
+    StrCol *strs[] = {&st->trace, &st->span, &st->parent, &st->name, &st->smsg, &st->service, &st->scope,
+                      &st->res, &st->num_key, &st->str_key, &st->str_val, &st->arr_key, &st->strs_val};
+    Buf *bufs[] = {&st->kind, &st->start, &st->stop, &st->code, &st->num_idx, &st->num_val, &st->str_idx,
+                   &st->arr_idx, &st->nums_val, &st->nums.off, &st->nums.valid, &st->strs.off, &st->strs.valid};
+    for (size_t i = 0; i < sizeof strs / sizeof *strs; i++) str_free(strs[i]);
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) buf_free(bufs[i]);
+    Py_CLEAR(st->reasons);
+    PyMem_Free((void *)st->pfx);
+    PyMem_Free(st->pfxlen);
+    st->pfx = NULL;
+    st->pfxlen = NULL;
 }
 
 /* ---------------------------------------------------------------------------------------------------------- */
@@ -1125,14 +1430,21 @@ fd_decode(PyObject *Py_UNUSED(self), PyObject *args)
 {
     Py_buffer buf;
     PyObject *prefixes, *resource_fn, *value_fn, *result = NULL;
+    Py_ssize_t max_text = INT32_MAX;
     St st;
     memset(&st, 0, sizeof st);
 
-    if (!PyArg_ParseTuple(args, "y*OOO:decode", &buf, &prefixes, &resource_fn, &value_fn)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*OOO|n:decode", &buf, &prefixes, &resource_fn, &value_fn, &max_text))
+        return NULL;
     if (!PyCallable_Check(resource_fn) || !PyCallable_Check(value_fn)) {
         PyErr_SetString(PyExc_TypeError, "resource_fn and value_fn must be callable");
         goto done;
     }
+    if (max_text < 0 || max_text > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "max_text must be in [0, 2**31 - 1]");
+        goto done;
+    }
+    st.max_text = (size_t)max_text;
     st.resource_fn = resource_fn;
     st.value_fn = value_fn;
     if (prefixes == Py_None) {
@@ -1174,14 +1486,14 @@ fd_decode(PyObject *Py_UNUSED(self), PyObject *args)
                                                     : "invalid ExportTraceServiceRequest: wire format is corrupt");
         goto done;
     }
-
-    st.cache = PyMem_Calloc(CACHE_SLOTS, sizeof(CacheEnt));
-    st.reasons = PyList_New(0);
-    if (!st.cache || !st.reasons) {
-        if (!st.cache) PyErr_NoMemory();
+    /* Row numbers and list offsets are int32: spans, attributes and array elements are messages. */
+    if (nmsgs[M_SPAN] >= INT32_MAX || nmsgs[M_KV] >= INT32_MAX || nmsgs[M_ANY] >= INT32_MAX) {
+        PyErr_SetString(DecodeError, "request too large to store: too many spans or attributes");
         goto done;
     }
-    for (int c = 0; c < NCOLS; c++) st.col[c].max = c < C_NUM_SPAN ? nmsgs[M_SPAN] : nmsgs[M_KV];
+
+    st.reasons = PyList_New(0);
+    if (!st.reasons || st_init(&st, nmsgs[M_SPAN], nmsgs[M_KV]) < 0) goto done;
 
     while (p < end) {
         Fld f;
@@ -1189,43 +1501,15 @@ fd_decode(PyObject *Py_UNUSED(self), PyObject *args)
             malformed();
             goto done;
         }
-        if (f.fn == 1 && f.wt == WT_LEN && add_resource_spans(&st, f.data, f.data + f.len) < 0) goto done;
+        if (f.tag == TAG(1, WT_LEN) && add_resource_spans(&st, f.data, f.data + f.len) < 0) goto done;
     }
 
-    result = PyTuple_New(NCOLS + 4);
-    if (!result) goto done;
-    for (int c = 0; c < NCOLS; c++) {
-        PyObject *list = vec_to_list(&st.col[c]);
-        if (!list) {
-            Py_CLEAR(result); /* the tuple's unset items are NULL, which tuple dealloc skips */
-            goto done;
-        }
-        PyTuple_SET_ITEM(result, c, list);
-    }
-    PyObject *counts[3] = {PyLong_FromSsize_t(st.received), PyLong_FromSsize_t(st.dropped),
-                           PyLong_FromSsize_t(st.rejected)};
-    for (int i = 0; i < 3; i++) {
-        if (!counts[i]) {
-            for (int j = i + 1; j < 3; j++) Py_XDECREF(counts[j]);
-            Py_CLEAR(result);
-            goto done;
-        }
-        PyTuple_SET_ITEM(result, NCOLS + i, counts[i]);
-        counts[i] = NULL; /* owned by the tuple (cleared above if a later one failed) */
-    }
-    PyTuple_SET_ITEM(result, NCOLS + 3, st.reasons);
-    st.reasons = NULL;
+    PyObject *items[5] = {result_tables(&st), PyLong_FromSsize_t(st.received), PyLong_FromSsize_t(st.dropped),
+                          PyLong_FromSsize_t(st.rejected), Py_NewRef(st.reasons)};
+    result = tuple_of(5, items);
 
 done:
-    for (int c = 0; c < NCOLS; c++) vec_free(&st.col[c]);
-    Py_XDECREF(st.reasons);
-    Py_XDECREF(st.tid_str);
-    if (st.cache) {
-        for (int i = 0; i < CACHE_SLOTS; i++) Py_XDECREF(st.cache[i].s);
-        PyMem_Free(st.cache);
-    }
-    PyMem_Free((void *)st.pfx);
-    PyMem_Free(st.pfxlen);
+    st_free(&st);
     PyBuffer_Release(&buf);
     return result;
 }
@@ -1262,11 +1546,17 @@ fd_schema(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
 }
 
 PyDoc_STRVAR(decode_doc,
-             "decode(data, prefixes, resource_fn, value_fn) -> tuple\n\n"
-             "Decode serialized ExportTraceServiceRequest bytes into the SpanBatch columns (in field order),\n"
-             "followed by received, dropped, rejected and the reasons list. prefixes: None or a tuple of str.\n"
-             "resource_fn(raw Resource bytes) -> (service_name, resource_json); value_fn(raw AnyValue bytes) ->\n"
-             "str (kvlist/strindex values) or list[str] (mixed arrays). Raises DecodeError for invalid input.");
+             "decode(data, prefixes, resource_fn, value_fn, max_text=2**31-1) -> tuple\n\n"
+             "Decode serialized ExportTraceServiceRequest bytes into Arrow buffers:\n"
+             "(tables, received, dropped, rejected, reasons), where tables = (spans, numbers, strings, arrays)\n"
+             "holds one tuple per column, in the order of the SPAN/NUMBER/STRING/ARRAY schemas of columns.py:\n"
+             "  fixed width: (length, null_count, None, values)\n"
+             "  string:      (length, null_count, validity | None, offsets, data)\n"
+             "  list:        (length, null_count, validity | None, offsets, child column)\n"
+             "Buffers are Buffer objects (read-only buffer protocol). prefixes: None or a tuple of str.\n"
+             "resource_fn(raw Resource bytes) -> (service_name | None, resource_json); value_fn(raw AnyValue\n"
+             "bytes) -> str (kvlist/strindex values) or list[str] (mixed arrays). max_text: bytes of text a string\n"
+             "column may hold. Raises DecodeError for invalid input (or a column over max_text).");
 
 static PyMethodDef methods[] = {
     {"decode", fd_decode, METH_VARARGS, decode_doc},
@@ -1276,13 +1566,14 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "evaluator.receiver._fastdecode",
-    "OTLP ExportTraceServiceRequest bytes -> SpanBatch columns (C accelerator for receiver.decode).", -1,
+    "OTLP ExportTraceServiceRequest bytes -> Arrow buffers of SpanColumns (C accelerator for receiver.decode).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
 PyInit__fastdecode(void)
 {
+    if (PyType_Ready(&BufferType) < 0) return NULL;
     PyObject *decode_mod = PyImport_ImportModule("evaluator.receiver.decode");
     if (!decode_mod) return NULL;
     PyObject *err = PyObject_GetAttrString(decode_mod, "DecodeError");
@@ -1295,7 +1586,9 @@ PyInit__fastdecode(void)
     }
     Py_XSETREF(DecodeError, err);
     if (PyModule_AddObjectRef(m, "DecodeError", DecodeError) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0) {
+        PyModule_AddObjectRef(m, "Buffer", (PyObject *)&BufferType) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_NAME", MAX_NAME) < 0) {
         Py_DECREF(m);
         return NULL;
     }

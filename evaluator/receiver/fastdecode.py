@@ -1,7 +1,9 @@
-"""Bytes -> DecodeResult. Uses the C decoder when it is built; otherwise protobuf (upb) plus decode_request.
+"""Bytes -> Decoded (the SpanColumns Arrow tables plus counts). Uses the C decoder when it is built; otherwise
+protobuf (upb) plus decode_request and columns_from_batch.
 
-Both paths give the same DecodeResult as `decode_request(ExportTraceServiceRequest.FromString(data), prefixes)`
-and raise `DecodeError` for bytes that protobuf refuses. The C module parses the wire format directly; for the
+Both paths give the same Decoded as `decode_message(ExportTraceServiceRequest.FromString(data), prefixes)` and
+raise `DecodeError` for bytes that protobuf refuses. The C module parses the wire format directly and fills the
+Arrow buffers of every column itself (no Python object per value); they are wrapped here without a copy. For the
 rare values (kvlist values, mixed arrays, the resource) it hands the raw sub-message back to the helpers below,
 which reuse the reference's own functions so the JSON text is identical.
 """
@@ -9,18 +11,25 @@ which reuse the reference's own functions so the JSON text is identical.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from typing import Any
 
+import pyarrow as pa
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
+from evaluator.receiver.columns import (
+    ARRAY_SCHEMA,
+    NUMBER_SCHEMA,
+    SPAN_SCHEMA,
+    STRING_SCHEMA,
+    Decoded,
+    SpanColumns,
+    columns_from_batch,
+)
 from evaluator.receiver.decode import (
     DecodeError,
-    DecodeResult,
-    SpanBatch,
     _any_to_json,
     _append_array,
     _resource_fields,
@@ -34,29 +43,62 @@ except ImportError:  # not built (no compiler at install time): the protobuf pat
 
 ACCELERATED: bool = _c is not None
 
-# The C module returns the SpanBatch columns in this order, then received, dropped, rejected, reasons.
-_COLUMNS = tuple(f.name for f in fields(SpanBatch) if f.name != "encoded_bytes")
+__all__ = ["ACCELERATED", "DecodeError", "Decoded", "decode_bytes", "decode_bytes_python", "decode_message"]
 
 
-def decode_bytes(data: bytes, prefixes: tuple[str, ...] | None) -> DecodeResult:
+def decode_bytes(data: bytes, prefixes: tuple[str, ...] | None) -> Decoded:
     """Decode a serialized ExportTraceServiceRequest; raises DecodeError if it is not one."""
     if _c is None:
         return decode_bytes_python(data, prefixes)
-    out = _c.decode(data, prefixes, _resource_from_bytes, _value_from_bytes)
-    n = len(_COLUMNS)
-    batch = SpanBatch(**dict(zip(_COLUMNS, out[:n], strict=True)))
-    return DecodeResult(batch, received=out[n], dropped=out[n + 1], rejected=out[n + 2], reasons=out[n + 3])
+    tables, received, dropped, rejected, reasons = _c.decode(data, prefixes, _resource_from_bytes, _value_from_bytes)
+    spans, numbers, strings, arrays = (_table(schema, empty, columns)
+                                       for (schema, empty), columns in zip(_TABLES, tables, strict=True))
+    return Decoded(SpanColumns(spans, numbers, strings, arrays), received, dropped, rejected, reasons)
 
 
-def decode_bytes_python(data: bytes, prefixes: tuple[str, ...] | None) -> DecodeResult:
-    """The reference path: protobuf parses the request, decode_request flattens it."""
+def decode_message(request: ExportTraceServiceRequest, prefixes: tuple[str, ...] | None) -> Decoded:
+    """The reference path for an already parsed request (also what the OTLP/JSON receiver uses)."""
+    result = decode_request(request, prefixes)
+    return Decoded(columns_from_batch(result.batch), result.received, result.dropped, result.rejected,
+                   result.reasons)
+
+
+def decode_bytes_python(data: bytes, prefixes: tuple[str, ...] | None) -> Decoded:
+    """The reference path: protobuf parses the request, decode_request flattens it, columns_from_batch converts."""
     try:
         request = ExportTraceServiceRequest.FromString(data)
     except ProtobufDecodeError as exc:
         raise DecodeError(str(exc) or "malformed protobuf") from None
-    return decode_request(request, prefixes)
+    return decode_message(request, prefixes)
 
 
+# -- the C module's buffers -> Arrow ------------------------------------------------------------------------------
+def _buffer(raw: Any) -> pa.Buffer | None:
+    return None if raw is None else pa.py_buffer(raw)
+
+
+def _array(type_: pa.DataType, column: tuple[Any, ...]) -> pa.Array:
+    """One column as the C module returns it: (length, null_count, buffers..., [child column for lists])."""
+    length, nulls, *buffers = column
+    if isinstance(type_, pa.ListType):
+        validity, offsets, child = buffers
+        return pa.Array.from_buffers(type_, length, [_buffer(validity), pa.py_buffer(offsets)], null_count=nulls,
+                                     children=[_array(type_.value_type, child)])
+    return pa.Array.from_buffers(type_, length, [_buffer(b) for b in buffers], null_count=nulls)
+
+
+# (schema, its empty table) of the four tables, in the order the C module returns them
+_TABLES = tuple((schema, schema.empty_table()) for schema in (SPAN_SCHEMA, NUMBER_SCHEMA, STRING_SCHEMA, ARRAY_SCHEMA))
+
+
+def _table(schema: pa.Schema, empty: pa.Table, columns: tuple[tuple[Any, ...], ...]) -> pa.Table:
+    if columns[0][0] == 0:  # no rows (often the arrays): tables are immutable, so one empty table serves all
+        return empty
+    arrays = [_array(field.type, column) for field, column in zip(schema, columns, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# -- helpers the C module calls for the rare values ---------------------------------------------------------------
 def _resource_from_bytes(raw: bytes) -> tuple[str | None, str]:
     """(service.name, resource JSON) of a serialized Resource (the concatenation of its occurrences)."""
     return _resource_fields(Resource.FromString(raw))

@@ -15,10 +15,10 @@ import structlog
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from evaluator.clock import Clock
-from evaluator.receiver.columns import columns_from_batch
-from evaluator.receiver.decode import DecodeError, DecodeResult, decode_request
+from evaluator.receiver.columns import Decoded
+from evaluator.receiver.decode import DecodeError
 from evaluator.receiver.errors import Refusal, Refused
-from evaluator.receiver.fastdecode import decode_bytes
+from evaluator.receiver.fastdecode import decode_bytes, decode_message
 from evaluator.store.writer import SpanWriter, WriterClosed
 from evaluator.telemetry import Telemetry
 
@@ -100,7 +100,7 @@ class Ingestor:
     def export_message(self, request: ExportTraceServiceRequest, size: int, transport: str) -> IngestResult:
         """An already parsed request (the OTLP/JSON path); size is the body size for the byte budget."""
         self._check_size(size, transport)
-        return self._admitted(size, transport, lambda: decode_request(request, self.settings.keep_prefixes))
+        return self._admitted(size, transport, lambda: decode_message(request, self.settings.keep_prefixes))
 
     def refuse(self, kind: Refusal, message: str, transport: str) -> Refused:
         """Count a refusal decided by a transport (e.g. an unsupported content type) and return it to raise."""
@@ -114,7 +114,7 @@ class Ingestor:
             raise self.refuse(Refusal.TOO_LARGE, f"request is {size} bytes, over the limit of {limit} bytes",
                               transport)
 
-    def _admitted(self, size: int, transport: str, decode: Callable[[], DecodeResult]) -> IngestResult:
+    def _admitted(self, size: int, transport: str, decode: Callable[[], Decoded]) -> IngestResult:
         if not self.budget.try_acquire(size):
             raise self.refuse(
                 Refusal.OVERLOADED,
@@ -123,12 +123,12 @@ class Ingestor:
             )
         try:
             try:
-                result: DecodeResult = decode()
+                result: Decoded = decode()
             except DecodeError as exc:
                 raise self.refuse(Refusal.UNDECODABLE, f"cannot decode ExportTraceServiceRequest: {exc}",
                                   transport) from None
-            if len(result.batch):
-                columns = columns_from_batch(result.batch)
+            if len(result.columns):
+                columns = result.columns
                 try:
                     future = self._writer.submit(columns, int(self._clock.now() * 1_000_000))
                     future.result(timeout=self.settings.commit_timeout_seconds)
