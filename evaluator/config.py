@@ -56,6 +56,7 @@ def parse_size(value: object) -> int:
 class Config:
     store: StoreSettings = field(default_factory=StoreSettings)
     max_group_spans: int = 50_000
+    checkpoint_wal_bytes: int = 64 * 1024 * 1024  # checkpoint in the background once the WAL is this big
     ingest: IngestSettings = field(default_factory=IngestSettings)
     grpc: GrpcSettings | None = field(default_factory=GrpcSettings)  # None: receiver disabled
     http: HttpSettings | None = field(default_factory=HttpSettings)
@@ -111,7 +112,13 @@ def config_from_node(root: Node, problems: Problems) -> Config:
 
     store = read_map(root.get("store"), "store", problems)
     if store is not None:
-        check_keys(store, {"path", "memory_limit", "threads", "max_group_spans"}, problems, "store")
+        check_keys(store, {"path", "memory_limit", "threads", "max_group_spans", "checkpoint_wal_size"}, problems,
+                   "store")
+        wal = _read_size(store.get("checkpoint_wal_size"), "store.checkpoint_wal_size", problems)
+        if wal is not None and wal < 1024 * 1024:
+            problems.add(store.get("checkpoint_wal_size"), "store.checkpoint_wal_size", "must be at least 1MiB")
+        elif wal is not None:
+            cfg = replace(cfg, checkpoint_wal_bytes=wal)
         memory = store.get("memory_limit")
         mem_text = None
         if memory is not None:

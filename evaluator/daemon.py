@@ -24,6 +24,7 @@ from evaluator.rules.kinds import KINDS
 from evaluator.rules.loader import load_rules
 from evaluator.rules.model import RuleSet
 from evaluator.rules.scheduler import GroupScheduler
+from evaluator.store.checkpointer import Checkpointer
 from evaluator.store.store import Store
 from evaluator.store.writer import SpanWriter
 from evaluator.telemetry import Telemetry
@@ -43,6 +44,8 @@ class Daemon:
         self.telemetry = telemetry or Telemetry()
         self.log = log or structlog.get_logger("daemon")
         self.store = Store(config.store, log=self.log.bind(component="store"))
+        self.checkpointer = Checkpointer(self.store, self.telemetry, wal_bytes=config.checkpoint_wal_bytes,
+                                         log=self.log.bind(component="checkpointer"))
         self.writer = SpanWriter(self.store, self.telemetry, max_group_spans=config.max_group_spans,
                                  log=self.log.bind(component="writer"))
         self.ingestor = Ingestor(self.writer, self.telemetry, self.clock, config.ingest,
@@ -81,6 +84,7 @@ class Daemon:
             self.engine.load(ruleset)
             try:
                 self.store.start()
+                self.checkpointer.start()
                 self.writer.start()
                 if ruleset.groups:
                     self.scheduler.start(ruleset.groups)
@@ -135,5 +139,6 @@ class Daemon:
                 receiver.shutdown(grace)
         self.scheduler.shutdown()
         self.writer.shutdown()
+        self.checkpointer.shutdown()
         self.admin.shutdown(1.0)
         self.store.shutdown()

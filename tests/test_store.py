@@ -1,0 +1,64 @@
+"""The store's own parts: schema versioning, read-only opening, the background checkpointer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from evaluator.store.checkpointer import Checkpointer
+from evaluator.store.schema import SCHEMA_VERSION
+from evaluator.store.store import Store, StoreError, StoreSettings
+from evaluator.telemetry import Telemetry
+from evaluator.testing import wait_for
+
+
+def test_background_checkpointer_folds_the_wal(tmp_path: Path, thread_guard: None) -> None:
+    store = Store(StoreSettings(str(tmp_path / "ev.duckdb")))
+    store.start()
+    tel = Telemetry()
+    ck = Checkpointer(store, tel, wal_bytes=1024 * 1024, poll_seconds=0.01)
+    ck.start()
+    try:
+        cur = store.cursor()
+        assert cur.execute("SELECT current_setting('checkpoint_threshold')").fetchone() == ("4.0 MiB",)
+        for k in range(100):  # many small commits, as the span writer makes (large ones bypass the WAL)
+            cur.execute("INSERT INTO span_numbers SELECT i, TIMESTAMP '2026-01-01', 'data.x' || i, i "
+                        f"FROM range({k * 2000}, {(k + 1) * 2000}) t(i)")
+        cur.close()
+        wait_for(lambda: tel.get("store_checkpoints_total").total() >= 1)
+        wait_for(lambda: ck.wal_size() < 1024 * 1024)
+    finally:
+        ck.shutdown()
+        ck.shutdown()
+        store.shutdown()
+
+
+def test_an_older_file_is_upgraded_and_a_newer_one_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "ev.duckdb")
+    store = Store(StoreSettings(path))
+    store.start()
+    store.shutdown()
+    con = duckdb.connect(path)
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.close()
+    store.start()
+    cur = store.cursor()
+    assert cur.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION),)
+    cur.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    cur.close()
+    store.shutdown()
+    with pytest.raises(StoreError, match="newer than this otel-evaluator understands"):
+        Store(StoreSettings(path)).start()
+    with pytest.raises(StoreError, match="newer than this otel-evaluator understands"):
+        Store(StoreSettings(path, read_only=True)).start()
+
+
+def test_read_only_store_needs_an_existing_evaluator_file(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no DuckDB file"):
+        Store(StoreSettings(str(tmp_path / "missing.duckdb"), read_only=True)).start()
+    other = tmp_path / "other.duckdb"
+    duckdb.connect(str(other)).close()
+    with pytest.raises(StoreError, match="not an otel-evaluator store"):
+        Store(StoreSettings(str(other), read_only=True)).start()
