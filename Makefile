@@ -16,6 +16,14 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "npm not found: the JavaScript SDK interop tests (tests/test_js_sdk.py) will be skipped"; \
+	elif [ tests/js/node_modules/.package-lock.json -nt tests/js/package-lock.json ]; then \
+		:; \
+	else \
+		echo "npm ci --prefix tests/js"; \
+		npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
+	fi
 
 serve: install
 	$(BIN)/otel-evaluator serve $(ARGS)
@@ -26,7 +34,9 @@ test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install-test
+	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/rules.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
