@@ -105,3 +105,18 @@ def test_an_id_that_is_not_hex_invalidates_only_that_span() -> None:
 def test_undecodable_json_says_why(body: bytes, why: str) -> None:
     with pytest.raises(DecodeError, match=why):
         parse_json_request(body)
+
+
+def test_a_null_double_is_the_non_finite_number_json_cannot_carry() -> None:
+    """The JS SDK's JSON exporter sends NaN/Infinity as "doubleValue": null; such a span is rejected like a NaN
+    over protobuf, not stored with the attribute silently missing."""
+    from evaluator.receiver.fastdecode import decode_message
+
+    for value, reason in (({"doubleValue": None}, "data.x is not a finite number"),
+                          ({"arrayValue": {"values": [{"doubleValue": None}]}}, "data.x holds a non-finite number")):
+        doc = _spec_json()
+        attrs = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"]  # type: ignore[index]
+        attrs.append({"key": "data.x", "value": value})
+        result = decode_message(parse_json_request(json.dumps(doc).encode()), ("data.",))
+        assert result.rejected == 1 and len(result.columns) == 0
+        assert reason in result.error_message()

@@ -38,6 +38,20 @@ def _fix_ids(obj: dict[str, Any]) -> None:
             obj[key] = _hex_to_b64(obj[key])
 
 
+def _fix_value(value: Any) -> None:
+    """JSON has no NaN or Infinity: exporters (the JS SDK's) send a non-finite double as `"doubleValue": null`.
+    Read it as the non-finite number it stands for, so the span is rejected as it would be over protobuf, instead
+    of being stored with the attribute silently missing."""
+    if not isinstance(value, dict):
+        return
+    if "doubleValue" in value and value["doubleValue"] is None:
+        value["doubleValue"] = "NaN"
+    array = value.get("arrayValue")
+    if isinstance(array, dict):
+        for item in _list(array, "values"):
+            _fix_value(item)
+
+
 def _list(obj: dict[str, Any], *names: str) -> list[Any]:
     for name in names:
         value = obj.get(name)
@@ -64,6 +78,9 @@ def parse_json_request(body: bytes) -> ExportTraceServiceRequest:
                 if not isinstance(span, dict):
                     continue
                 _fix_ids(span)
+                for kv in _list(span, "attributes"):
+                    if isinstance(kv, dict):
+                        _fix_value(kv.get("value"))
                 for link in _list(span, "links"):
                     if isinstance(link, dict):
                         _fix_ids(link)
