@@ -8,7 +8,7 @@ SCHEMA_VERSION with a migration in `store.py`.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 DDL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS meta (
@@ -103,6 +103,34 @@ DDL: tuple[str, ...] = (
         last_eval_at TIMESTAMP,
         last_duration_seconds DOUBLE
     )""",
+    # distribution rules with a frozen baseline: captured once per rule and series, then compared against
+    """CREATE TABLE IF NOT EXISTS frozen_baselines (
+        rule_id VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL,
+        series JSON NOT NULL,
+        captured_at TIMESTAMP NOT NULL,
+        window_start TIMESTAMP NOT NULL,
+        window_end TIMESTAMP NOT NULL,
+        bounds DOUBLE[],
+        categories VARCHAR[],
+        proportions DOUBLE[] NOT NULL,
+        n BIGINT NOT NULL,
+        PRIMARY KEY (rule_id, series)
+    )""",
+    # prediction-quality values per evaluation and window: a window is judged again as late labels arrive
+    """CREATE TABLE IF NOT EXISTS quality_values (
+        rule_id VARCHAR NOT NULL,
+        series JSON NOT NULL,
+        evaluated_at TIMESTAMP NOT NULL,
+        window_start TIMESTAMP NOT NULL,
+        window_end TIMESTAMP NOT NULL,
+        metric VARCHAR NOT NULL,
+        value DOUBLE,
+        predictions BIGINT NOT NULL,
+        labelled BIGINT NOT NULL,
+        coverage DOUBLE,
+        details JSON
+    )""",
     # Every attribute of a span as text, one row each: the easy way in for ad-hoc postmortem SQL.
     """CREATE OR REPLACE VIEW span_attributes AS
         SELECT span_key, time, key, CAST(value AS VARCHAR) AS value, 'number' AS type FROM span_numbers
@@ -115,4 +143,5 @@ DDL: tuple[str, ...] = (
 )
 
 # Tables that hold user data, in the order `otel-evaluator export` writes them.
-PUBLIC_TABLES = ("spans", "span_numbers", "span_strings", "span_arrays", "alerts", "alert_state", "rule_health")
+PUBLIC_TABLES = ("spans", "span_numbers", "span_strings", "span_arrays", "alerts", "alert_state", "rule_health",
+                 "frozen_baselines", "quality_values")
