@@ -59,28 +59,9 @@ class SpanBatch:
     arr_key: list[str] = field(default_factory=list)
     arr_numbers: list[list[float] | None] = field(default_factory=list)
     arr_strings: list[list[str] | None] = field(default_factory=list)
-    encoded_bytes: int = 0  # size of the request this came from, for the in-flight byte budget
 
     def __len__(self) -> int:
         return len(self.trace_id)
-
-    def extend(self, other: SpanBatch) -> None:
-        """Append another batch (group commit merges the batches of several requests)."""
-        offset = len(self)
-        for name in _SPAN_COLUMNS:
-            getattr(self, name).extend(getattr(other, name))
-        for col in ("num_span", "str_span", "arr_span"):
-            getattr(self, col).extend(i + offset for i in getattr(other, col))
-        for name in _ATTR_COLUMNS:
-            getattr(self, name).extend(getattr(other, name))
-        self.encoded_bytes += other.encoded_bytes
-
-
-_SPAN_COLUMNS = (
-    "trace_id", "span_id", "parent_span_id", "name", "kind", "start_us", "end_us", "status_code",
-    "status_message", "service_name", "scope_name", "resource_attributes",
-)
-_ATTR_COLUMNS = ("num_key", "num_value", "str_key", "str_value", "arr_key", "arr_numbers", "arr_strings")
 
 
 @dataclass

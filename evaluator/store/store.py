@@ -100,13 +100,6 @@ class Store:
             raise StoreError("store is not open")
         return con.cursor()
 
-    def checkpoint(self) -> None:
-        cur = self.cursor()
-        try:
-            cur.execute("CHECKPOINT")
-        finally:
-            cur.close()
-
     def size_bytes(self) -> int:
         """Bytes on disk: the database file plus its write-ahead log."""
         total = 0
