@@ -228,11 +228,19 @@ def _parse_sql(node: Node, where: str, problems: Problems) -> tuple[Any, Conditi
     return SqlSpec(query or ""), condition, resolve
 
 
+def _parse_prediction_quality(node: Node, where: str,
+                              problems: Problems) -> tuple[Any, Condition | None, Condition | None]:
+    from evaluator.rules.kinds.prediction_quality import parse_prediction_quality  # kinds import numpy/duckdb
+
+    return parse_prediction_quality(node, where, problems)
+
+
 PARSERS: dict[str, Callable[[Node, str, Problems], tuple[Any, Condition | None, Condition | None]]] = {
     "threshold": _parse_threshold,
     "baseline": _parse_baseline,
     "absence": _parse_absence,
     "sql": _parse_sql,
+    "prediction_quality": _parse_prediction_quality,
 }
 
 
