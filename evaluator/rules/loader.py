@@ -228,6 +228,13 @@ def _parse_sql(node: Node, where: str, problems: Problems) -> tuple[Any, Conditi
     return SqlSpec(query or ""), condition, resolve
 
 
+def _parse_distribution(node: Node, where: str,
+                        problems: Problems) -> tuple[Any, Condition | None, Condition | None]:
+    from evaluator.rules.kinds.distribution import parse_distribution  # kinds import numpy/duckdb
+
+    return parse_distribution(node, where, problems)
+
+
 def _parse_prediction_quality(node: Node, where: str,
                               problems: Problems) -> tuple[Any, Condition | None, Condition | None]:
     from evaluator.rules.kinds.prediction_quality import parse_prediction_quality  # kinds import numpy/duckdb
@@ -240,6 +247,7 @@ PARSERS: dict[str, Callable[[Node, str, Problems], tuple[Any, Condition | None, 
     "baseline": _parse_baseline,
     "absence": _parse_absence,
     "sql": _parse_sql,
+    "distribution": _parse_distribution,
     "prediction_quality": _parse_prediction_quality,
 }
 

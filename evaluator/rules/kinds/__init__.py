@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from evaluator.rules.kinds.absence import AbsenceKind
 from evaluator.rules.kinds.baseline import BaselineKind
+from evaluator.rules.kinds.distribution import DistributionKind
 from evaluator.rules.kinds.prediction_quality import PredictionQualityKind
 from evaluator.rules.kinds.sql import SqlKind
 from evaluator.rules.kinds.threshold import ThresholdKind
@@ -26,6 +27,8 @@ register("threshold", ThresholdKind())
 register("baseline", BaselineKind())
 register("absence", AbsenceKind())
 register("sql", SqlKind())
+register("distribution", DistributionKind())
 register("prediction_quality", PredictionQualityKind())
 
-__all__ = ["KINDS", "AbsenceKind", "BaselineKind", "PredictionQualityKind", "SqlKind", "ThresholdKind", "register"]
+__all__ = ["KINDS", "AbsenceKind", "BaselineKind", "DistributionKind", "PredictionQualityKind", "SqlKind",
+           "ThresholdKind", "register"]
