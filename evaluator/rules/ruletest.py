@@ -19,7 +19,6 @@ from typing import Any, TextIO
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from evaluator.clock import SystemClock
 from evaluator.receiver.ingest import Ingestor, IngestSettings
 from evaluator.rules.commands import iso, parse_time
 from evaluator.rules.engine import DuckDBState, RuleEngine
@@ -29,6 +28,7 @@ from evaluator.rules.model import FIRING, PENDING, RuleSet
 from evaluator.store.store import Store, StoreSettings
 from evaluator.store.writer import SpanWriter
 from evaluator.telemetry import Telemetry
+from evaluator.testing import FakeClock
 from evaluator.yamlsrc import (
     InvalidConfig,
     Node,
@@ -259,7 +259,7 @@ def _run_test(test: RuleTest, ruleset: RuleSet, interval: float, workdir: str) -
     writer.start()
     failures: list[str] = []
     try:
-        ingest = Ingestor(writer, telemetry, SystemClock(), IngestSettings(keep_prefixes=None))
+        ingest = Ingestor(writer, telemetry, FakeClock(test.start), IngestSettings(keep_prefixes=None))
         result = ingest.export_protobuf(_request(test.inputs, test.start).SerializeToString(), "test")
         if result.rejected:
             return [f"input runs rejected: {result.message}"]
