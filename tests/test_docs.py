@@ -62,3 +62,13 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
     assert rows == [("data.amount_paise.median", 22000.0), ("data.freshness_lag_hours", 0.02),
                     ("data.row_count", 10240883.0), ("data.amount_paise.median", 55.0),
                     ("data.freshness_lag_hours", 6.0), ("data.row_count", 8412406.0)]
+
+
+def test_every_documented_command_exists() -> None:
+    documented = re.findall(r"^\| `(\w+)[ `]", (ROOT / "docs" / "cli.md").read_text(), re.M)
+    assert documented == ["serve", "check", "test", "eval", "replay"]
+    from evaluator.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices  # type: ignore[union-attr]
+    assert set(documented) == set(commands)
