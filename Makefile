@@ -29,7 +29,7 @@ serve: install
 	$(BIN)/otel-evaluator serve $(ARGS)
 
 test: install-test
-	$(BIN)/ruff check evaluator tests bench
+	$(BIN)/ruff check evaluator tests bench examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
