@@ -114,12 +114,21 @@ class Telemetry:
     def get(self, name: str) -> Metric:
         return self._metrics[f"{self.namespace}_{name}"]
 
-    def render_prometheus(self) -> str:
+    def metrics(self) -> list[Metric]:
+        """Every registered metric, sorted by name (for exporters)."""
+        with self._lock:
+            return sorted(self._metrics.values(), key=lambda m: m.name)
+
+    def collect(self) -> None:
+        """Refresh the gauges read from elsewhere (store size, in-flight bytes, ...)."""
         with self._lock:
             collectors = list(self._collectors)
-            metrics = sorted(self._metrics.values(), key=lambda m: m.name)
         for fn in collectors:
             fn()
+
+    def render_prometheus(self) -> str:
+        self.collect()
+        metrics = self.metrics()
         lines: list[str] = []
         for m in metrics:
             lines.append(f"# HELP {m.name} {m.help}")
