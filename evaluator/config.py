@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from evaluator.admin.server import AdminSettings
+from evaluator.exporter.otlp_config import COMPRESSIONS, PROTOCOLS, OtlpExporterConfig
 from evaluator.httpbase import split_hostport
 from evaluator.log import LEVELS
 from evaluator.receiver.grpc_server import GrpcSettings
@@ -32,6 +33,7 @@ from evaluator.yamlsrc import (
     read_map,
     read_str,
     read_str_list,
+    read_str_map,
 )
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
@@ -65,6 +67,7 @@ class Config:
     log_format: str = "auto"
     shutdown_grace_seconds: float = 10.0
     rules: tuple[str, ...] = ()  # rule files or folders; relative paths are relative to the config file
+    exporter: OtlpExporterConfig = field(default_factory=OtlpExporterConfig)  # OTEL_EXPORTER_OTLP_* override it
     source: str = "(embedded defaults)"
 
 
@@ -104,7 +107,33 @@ def config_from_node(root: Node, problems: Problems) -> Config:
     if not root.is_map():
         problems.add(root, "", "the config file must be a mapping")
         return cfg
-    check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace", "rules"}, problems, "")
+    check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace", "rules", "exporter"}, problems, "")
+    exp = read_map(root.get("exporter"), "exporter", problems)
+    if exp is not None:
+        keys = ("endpoint", "protocol", "headers", "compression", "timeout", "insecure", "certificate", "client_key",
+                "client_certificate")
+        check_keys(exp, set(keys), problems, "exporter")
+        protocol = read_str(exp.get("protocol"), "exporter.protocol", problems)
+        if protocol is not None and protocol not in PROTOCOLS:
+            problems.add(exp.get("protocol"), "exporter.protocol", f"must be one of {', '.join(PROTOCOLS)}")
+            protocol = None
+        compression = read_str(exp.get("compression"), "exporter.compression", problems)
+        if compression is not None and compression not in COMPRESSIONS:
+            problems.add(exp.get("compression"), "exporter.compression", f"must be one of {', '.join(COMPRESSIONS)}")
+            compression = None
+        headers = read_str_map(exp.get("headers"), "exporter.headers", problems)
+        cfg = replace(cfg, exporter=_set(
+            cfg.exporter,
+            endpoint=read_str(exp.get("endpoint"), "exporter.endpoint", problems),
+            protocol=protocol,
+            headers=tuple(sorted(headers.items())) if headers else None,
+            compression=compression,
+            timeout_seconds=read_duration(exp.get("timeout"), "exporter.timeout", problems),
+            insecure=read_bool(exp.get("insecure"), "exporter.insecure", problems),
+            certificate=read_str(exp.get("certificate"), "exporter.certificate", problems),
+            client_key=read_str(exp.get("client_key"), "exporter.client_key", problems),
+            client_certificate=read_str(exp.get("client_certificate"), "exporter.client_certificate", problems),
+        ))
     rules = read_str_list(root.get("rules"), "rules", problems)
     if rules is not None:
         base = os.path.dirname(os.path.abspath(root.file))

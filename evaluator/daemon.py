@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
 
 import structlog
@@ -16,6 +17,10 @@ import structlog
 from evaluator.admin.server import AdminServer
 from evaluator.clock import Clock, SystemClock
 from evaluator.config import Config
+from evaluator.exporter.encode import alert_spans_request
+from evaluator.exporter.otlp_config import from_env
+from evaluator.exporter.outbox import TRACES, OutboxSender
+from evaluator.exporter.transport import make_transport
 from evaluator.receiver.grpc_server import GrpcReceiver
 from evaluator.receiver.http_server import HttpReceiver
 from evaluator.receiver.ingest import Ingestor
@@ -28,6 +33,7 @@ from evaluator.store.checkpointer import Checkpointer
 from evaluator.store.store import Store
 from evaluator.store.writer import SpanWriter
 from evaluator.telemetry import Telemetry
+from evaluator.yamlsrc import InvalidConfig, Problem
 
 
 class Daemon:
@@ -38,7 +44,10 @@ class Daemon:
         clock: Clock | None = None,
         telemetry: Telemetry | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """env: the environment the OTEL_EXPORTER_OTLP_* variables are read from (default os.environ).
+        Raises InvalidConfig for an invalid exporter setting."""
         self.config = config
         self.clock = clock or SystemClock()
         self.telemetry = telemetry or Telemetry()
@@ -61,7 +70,20 @@ class Daemon:
                      if config.http else None)
         self.admin = AdminServer(config.admin, self.telemetry, self._not_ready_reason,
                                  log=self.log.bind(component="admin"))
-        self.engine = RuleEngine(self.store.cursor, KINDS, DuckDBState(self.store.cursor), self.telemetry,
+        try:
+            traces = from_env(os.environ if env is None else env, "traces", base=config.exporter)
+            transport = make_transport(traces, "traces")
+        except ValueError as exc:
+            raise InvalidConfig([Problem("exporter", 0, "", str(exc))]) from None
+        self.outbox: OutboxSender | None = None
+        state = DuckDBState(self.store.cursor)
+        if transport is not None:
+            self.outbox = OutboxSender(self.store.cursor, {TRACES: transport}, self.clock, self.telemetry,
+                                       log=self.log.bind(component="outbox"))
+            state = DuckDBState(self.store.cursor, lambda events: alert_spans_request(events).SerializeToString(),
+                                self.outbox.wake)
+        self.exporter_endpoint = traces.endpoint
+        self.engine = RuleEngine(self.store.cursor, KINDS, state, self.telemetry,
                                  log=self.log.bind(component="rules"))
         self.scheduler = GroupScheduler(self.engine, self.clock, self.telemetry,
                                         log=self.log.bind(component="scheduler"))
@@ -86,6 +108,8 @@ class Daemon:
                 self.store.start()
                 self.checkpointer.start()
                 self.writer.start()
+                if self.outbox is not None:
+                    self.outbox.start()
                 if ruleset.groups:
                     self.scheduler.start(ruleset.groups)
                 self.admin.start()
@@ -102,6 +126,7 @@ class Daemon:
                 grpc_port=self.grpc.port if self.grpc else None, http_port=self.http.port if self.http else None,
                 admin_port=self.admin.port, keep_prefixes=self.config.ingest.keep_prefixes,
                 rule_groups=len(ruleset.groups), rules=len(ruleset.rules()),
+                alert_export=self.exporter_endpoint or "none: alerts are stored and logged, not sent",
             )
 
     def reload_rules(self) -> bool:
@@ -138,6 +163,8 @@ class Daemon:
             if receiver is not None:
                 receiver.shutdown(grace)
         self.scheduler.shutdown()
+        if self.outbox is not None:
+            self.outbox.shutdown()
         self.writer.shutdown()
         self.checkpointer.shutdown()
         self.admin.shutdown(1.0)

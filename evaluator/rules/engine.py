@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -21,6 +21,7 @@ import duckdb
 import pyarrow as pa
 import structlog
 
+from evaluator.exporter.outbox import TRACES, enqueue
 from evaluator.rules.model import (
     Rule,
     RuleError,
@@ -124,11 +125,20 @@ _HEALTH_SCHEMA = pa.schema([
 ])
 
 
-class DuckDBState:
-    """State in the store's alert_state / alerts / rule_health tables (docs/schema.md)."""
+OutboxEncoder = Callable[[list[AlertEvent]], bytes]
 
-    def __init__(self, cursor_factory: Any) -> None:
+
+class DuckDBState:
+    """State in the store's alert_state / alerts / rule_health tables (docs/schema.md).
+
+    With an outbox encoder, each evaluation's alert events are also written to the outbox as one OTLP request,
+    in the same transaction: an alert that is recorded is an alert that will be sent."""
+
+    def __init__(self, cursor_factory: Any, outbox_encoder: OutboxEncoder | None = None,
+                 on_enqueued: Callable[[], None] | None = None) -> None:
         self._cursor = cursor_factory
+        self._encode = outbox_encoder
+        self._on_enqueued = on_enqueued
 
     def load(self, rules: list[Rule]) -> dict[str, dict[SeriesKey, SeriesState]]:
         out: dict[str, dict[SeriesKey, SeriesState]] = {r.id: {} for r in rules}
@@ -191,6 +201,8 @@ class DuckDBState:
                      t.consecutive, to_dt(t.run_at), ev.summary, t.detail, json.dumps(dict(r.labels)),
                      json.dumps(ev.annotations), [{"trace_id": a, "span_id": b} for a, b in t.spans]],
                 )
+            if events and self._encode is not None:
+                enqueue(cur, TRACES, self._encode(events), len(events), ts)
             health = pa.Table.from_pylist([
                 {"rule_id": st.rule.id, "group_name": st.rule.group, "alert_name": st.rule.name,
                  "kind": st.rule.kind, "health": "ok" if st.error is None else "error", "last_error": st.error,
@@ -202,6 +214,8 @@ class DuckDBState:
                 cur.execute("INSERT OR REPLACE INTO rule_health SELECT * FROM health_rows")
                 cur.unregister("health_rows")
             cur.execute("COMMIT")
+            if events and self._encode is not None and self._on_enqueued is not None:
+                self._on_enqueued()
         except Exception:
             cur.execute("ROLLBACK")
             raise

@@ -8,7 +8,7 @@ SCHEMA_VERSION with a migration in `store.py`.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 DDL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS meta (
@@ -130,6 +130,20 @@ DDL: tuple[str, ...] = (
         labelled BIGINT NOT NULL,
         coverage DOUBLE,
         details JSON
+    )""",
+    # alert outputs waiting to be sent: written in the transaction that records the transitions, deleted only
+    # once the receiver acknowledged them; `dead` rows were refused for good (kept, counted, not retried)
+    """CREATE SEQUENCE IF NOT EXISTS outbox_seq""",
+    """CREATE TABLE IF NOT EXISTS outbox (
+        seq BIGINT PRIMARY KEY DEFAULT nextval('outbox_seq'),
+        created_at TIMESTAMP NOT NULL,
+        destination VARCHAR NOT NULL,
+        payload BLOB NOT NULL,
+        items INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TIMESTAMP NOT NULL,
+        last_error VARCHAR,
+        dead BOOLEAN NOT NULL DEFAULT false
     )""",
     # Every attribute of a span as text, one row each: the easy way in for ad-hoc postmortem SQL.
     """CREATE OR REPLACE VIEW span_attributes AS
