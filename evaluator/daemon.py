@@ -18,6 +18,7 @@ from evaluator.admin.server import AdminServer
 from evaluator.clock import Clock, SystemClock
 from evaluator.config import Config
 from evaluator.exporter.encode import alert_spans_request
+from evaluator.exporter.metrics import MetricsReporter, export_interval
 from evaluator.exporter.otlp_config import from_env
 from evaluator.exporter.outbox import TRACES, OutboxSender
 from evaluator.exporter.transport import make_transport
@@ -70,11 +71,18 @@ class Daemon:
                      if config.http else None)
         self.admin = AdminServer(config.admin, self.telemetry, self._not_ready_reason,
                                  log=self.log.bind(component="admin"))
+        environ = os.environ if env is None else env
         try:
-            traces = from_env(os.environ if env is None else env, "traces", base=config.exporter)
+            traces = from_env(environ, "traces", base=config.exporter)
             transport = make_transport(traces, "traces")
+            metrics_transport = make_transport(from_env(environ, "metrics", base=config.exporter), "metrics")
+            interval = export_interval(environ)
         except ValueError as exc:
             raise InvalidConfig([Problem("exporter", 0, "", str(exc))]) from None
+        self.metrics: MetricsReporter | None = None
+        if metrics_transport is not None:
+            self.metrics = MetricsReporter(metrics_transport, self.telemetry, self.clock, interval=interval,
+                                           log=self.log.bind(component="metrics"))
         self.outbox: OutboxSender | None = None
         state = DuckDBState(self.store.cursor)
         if transport is not None:
@@ -110,6 +118,8 @@ class Daemon:
                 self.writer.start()
                 if self.outbox is not None:
                     self.outbox.start()
+                if self.metrics is not None:
+                    self.metrics.start()
                 if ruleset.groups:
                     self.scheduler.start(ruleset.groups)
                 self.admin.start()
@@ -166,6 +176,8 @@ class Daemon:
         if self.outbox is not None:
             self.outbox.shutdown()
         self.writer.shutdown()
+        if self.metrics is not None:
+            self.metrics.shutdown()
         self.checkpointer.shutdown()
         self.admin.shutdown(1.0)
         self.store.shutdown()

@@ -151,3 +151,73 @@ def test_without_an_endpoint_alerts_are_stored_and_nothing_is_queued(tmp_path: P
         cur.close()
     finally:
         daemon.shutdown()
+
+
+def test_metrics_reach_a_real_metrics_receiver_and_match_admin_metrics(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rule's state per series, and the daemon's own counters, arrive over OTLP/gRPC every
+    OTEL_METRIC_EXPORT_INTERVAL and read the same as admin /metrics."""
+    import threading
+    import urllib.request
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+        ExportMetricsServiceResponse,
+    )
+
+    received: list[ExportMetricsServiceRequest] = []
+    lock = threading.Lock()
+
+    def export(request: bytes, context: grpc.ServicerContext) -> bytes:
+        with lock:
+            received.append(ExportMetricsServiceRequest.FromString(request))
+        return ExportMetricsServiceResponse().SerializeToString()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "opentelemetry.proto.collector.metrics.v1.MetricsService",
+        {"Export": grpc.unary_unary_rpc_method_handler(export)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
+    clock = FakeClock(T0 + 14 * DAY + 7 * 3600)
+    daemon = Daemon(loopback_config(tmp_path / "ev.duckdb", rules=(str(RULES),)), clock=clock)
+    daemon.start()
+    try:
+        assert daemon.grpc is not None and daemon.metrics is not None and daemon.outbox is None
+        send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
+        daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        series = '{"data.dataset":"payments/transactions_yesterday"}'
+
+        def firing_state_arrived() -> bool:
+            with lock:
+                last = received[-1] if received else None
+            if last is None:
+                return False
+            for rm in last.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        if m.name != "otel_evaluator_alert_state":
+                            continue
+                        for p in m.gauge.data_points:
+                            attrs = {a.key: a.value.string_value for a in p.attributes}
+                            if attrs == {"rule_id": "payments-contract/PaymentsFreshnessLag", "series": series}:
+                                return p.as_double == 2.0 or p.as_int == 2
+            return False
+
+        wait_for(firing_state_arrived, timeout=20)
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.admin.port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert ('otel_evaluator_alert_state{rule_id="payments-contract/PaymentsFreshnessLag",'
+                'series="{\\"data.dataset\\":\\"payments/transactions_yesterday\\"}"} 2') in text
+        assert 'otel_evaluator_alert_rule_transitions_total{rule_id="payments-contract/PaymentsFreshnessLag",' \
+               'state="firing"} 1' in text
+        resource = received[-1].resource_metrics[0].resource
+        assert {a.key: a.value.string_value for a in resource.attributes}["service.name"] == "otel-evaluator"
+    finally:
+        daemon.shutdown()
+        server.stop(0)

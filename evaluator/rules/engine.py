@@ -9,6 +9,7 @@ read-only, nothing written).
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import defaultdict
@@ -110,6 +111,7 @@ _STATE_COLUMNS = (
     "rule_id, fingerprint, series, state, value, threshold, detail, active_at, fired_at, resolved_at, "
     "last_violation_at, consecutive_violations, last_run_at, last_run_key, violating_spans"
 )
+_STATE_NUMBERS = {"inactive": 0, "pending": 1, "firing": 2, "resolved": 3, "nodata": 4}
 _TS = pa.timestamp("us")
 _SPANS = pa.list_(pa.struct([("trace_id", pa.string()), ("span_id", pa.string())]))
 _STATE_SCHEMA = pa.schema([
@@ -246,6 +248,12 @@ class RuleEngine:
                                         ("state",))
         self._group_seconds = tel.gauge("rule_group_last_duration_seconds",
                                         "How long the last evaluation of a group took.", ("group",))
+        self._alert_value = tel.gauge("alert_value", "Each rule's latest value per series.", ("rule_id", "series"))
+        self._alert_state = tel.gauge(
+            "alert_state", "Each rule's state per series: inactive 0, pending 1, firing 2, resolved 3, nodata 4.",
+            ("rule_id", "series"))
+        self._rule_transitions = tel.counter("alert_rule_transitions_total",
+                                             "Alert transitions per rule, by the state entered.", ("rule_id", "state"))
         unhealthy = tel.gauge("rules_unhealthy", "Rules whose last evaluation failed.")
         tel.add_collector(lambda: unhealthy.set(sum(1 for e in self.health.values() if e is not None)))
 
@@ -306,13 +314,24 @@ class RuleEngine:
                 statuses.append(RuleStatus(rule, states, None, durations.get(rule.id, 0.0), changed))
                 events.extend(rule_events)
             self.state.save(group, ts, statuses, events)
+            for st in statuses:
+                if st.error is None:
+                    for series_state in st.states.values():
+                        self._publish(st.rule, series_state)
             for ev in events:
                 self._transitions.inc(state=ev.transition.to_state)
+                self._rule_transitions.inc(rule_id=ev.rule.id, state=ev.transition.to_state)
                 self._log.info("alert " + ev.transition.to_state, rule=ev.rule.id,
                                series=dict(ev.transition.series), value=ev.transition.value,
                                previous=ev.transition.from_state, summary=ev.summary)
             self._group_seconds.set(time.perf_counter() - t0, group=group.name)
             return events
+
+    def _publish(self, rule: Rule, s: SeriesState) -> None:
+        series = series_json(s.series)
+        self._alert_state.set(_STATE_NUMBERS.get(s.state, -1), rule_id=rule.id, series=series)
+        if s.value is not None and math.isfinite(s.value):
+            self._alert_value.set(s.value, rule_id=rule.id, series=series)
 
     def evaluate_all(self, ts: float) -> list[AlertEvent]:
         events: list[AlertEvent] = []
