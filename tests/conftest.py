@@ -11,6 +11,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from evaluator.daemon import Daemon
+from evaluator.store.store import Store, StoreSettings
 from evaluator.testing import loopback_config
 
 TRACE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -77,6 +78,22 @@ def make_daemon(tmp_path: Path) -> Iterator[Any]:
 def daemon(make_daemon: Any) -> RunningDaemon:
     running: RunningDaemon = make_daemon()
     return running
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A started store on a DuckDB file in the test's temp dir."""
+    s = Store(StoreSettings(str(tmp_path / "x.duckdb")))
+    s.start()
+    yield s
+    s.shutdown()
+
+
+@pytest.fixture
+def cur(store: Store) -> Iterator[duckdb.DuckDBPyConnection]:
+    c = store.cursor()
+    yield c
+    c.close()
 
 
 @pytest.fixture

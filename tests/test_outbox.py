@@ -38,14 +38,6 @@ OK = SendResult(True, False, None, "")
 DOWN = SendResult(False, True, None, "UNAVAILABLE: connection refused")
 
 
-@pytest.fixture
-def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = Store(StoreSettings(str(tmp_path / "ev.duckdb")))
-    s.start()
-    yield s
-    s.shutdown()
-
-
 def _enqueue(store: Store, *payloads: bytes, at: float = T0) -> None:
     cur = store.cursor()
     for p in payloads:

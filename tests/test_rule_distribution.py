@@ -4,7 +4,7 @@ refusals, and the payments paise-to-rupees scenario end to end through the engin
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,21 +74,6 @@ class Spans:
             self.cur.execute(sql, params)
         finally:
             self.cur.unregister("new_rows")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(StoreSettings(str(tmp_path / "x.duckdb")))
-    s.start()
-    yield s
-    s.shutdown()
-
-
-@pytest.fixture
-def cur(store: Store) -> Iterator[duckdb.DuckDBPyConnection]:
-    c = store.cursor()
-    yield c
-    c.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -32,7 +31,6 @@ from evaluator.rules.model import (
     ThresholdSpec,
 )
 from evaluator.rules.select import Member, evaluate_batched, fetch_runs, select_runs, series_key, shape_of
-from evaluator.store.store import Store, StoreSettings
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -81,21 +79,6 @@ class Spans:
 
     def ids(self, key: int) -> tuple[tuple[str, str], ...]:
         return ((self.trace(key), self.span(key)),)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(StoreSettings(str(tmp_path / "x.duckdb")))
-    s.start()
-    yield s
-    s.shutdown()
-
-
-@pytest.fixture
-def cur(store: Store) -> Iterator[duckdb.DuckDBPyConnection]:
-    c = store.cursor()
-    yield c
-    c.close()
 
 
 @pytest.fixture

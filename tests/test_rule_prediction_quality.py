@@ -7,7 +7,6 @@ the labels and the AUC rule fires only once those predictions' labels have matur
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,21 +91,6 @@ class Data:
                 self.cur.execute(f"INSERT INTO {name} SELECT * FROM new_rows")
                 self.cur.unregister("new_rows")
         self.spans, self.numbers, self.strings = [], [], []
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(StoreSettings(str(tmp_path / "x.duckdb")))
-    s.start()
-    yield s
-    s.shutdown()
-
-
-@pytest.fixture
-def cur(store: Store) -> Iterator[duckdb.DuckDBPyConnection]:
-    c = store.cursor()
-    yield c
-    c.close()
 
 
 @pytest.fixture
