@@ -8,7 +8,6 @@ report carries the cumulative counts anyway.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 
 import structlog
@@ -17,6 +16,7 @@ from evaluator.clock import Clock
 from evaluator.exporter.encode import alert_metrics_request
 from evaluator.exporter.transport import SendResult, Transport
 from evaluator.telemetry import Telemetry
+from evaluator.worker import PeriodicWorker
 
 DEFAULT_INTERVAL = 60.0
 
@@ -35,18 +35,15 @@ def export_interval(env: Mapping[str, str]) -> float:
     return ms / 1000.0
 
 
-class MetricsReporter:
+class MetricsReporter(PeriodicWorker):
     def __init__(self, transport: Transport, telemetry: Telemetry, clock: Clock, *, interval: float = DEFAULT_INTERVAL,
                  log: structlog.typing.FilteringBoundLogger | None = None) -> None:
+        super().__init__("metrics-reporter", interval)
         self._transport = transport
         self._telemetry = telemetry
         self._clock = clock
-        self.interval = interval
         self._log = log or structlog.get_logger("metrics")
         self._start_ns = int(clock.now() * 1e9)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._reports = telemetry.counter("metric_reports_total", "OTLP metrics reports, by outcome.", ("outcome",))
 
     def report_once(self) -> SendResult:
@@ -59,24 +56,10 @@ class MetricsReporter:
             self._log.warning("sending metrics failed", error=result.error)
         return result
 
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is not None:
-                return
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="metrics-reporter", daemon=True)
-            self._thread.start()
-
-    def shutdown(self) -> None:
-        """Stop; sends one last report so the final counts are not lost. Idempotent."""
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._stop.set()
-        thread.join()
+    def tick(self) -> float | None:
         self.report_once()
+        return None
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.report_once()
+    def after_stop(self) -> None:
+        """A last report at shutdown, so the final counts are not lost."""
+        self.report_once()

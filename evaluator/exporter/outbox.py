@@ -13,7 +13,6 @@ wait.
 from __future__ import annotations
 
 import random
-import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ import structlog
 
 from evaluator.clock import Clock
 from evaluator.telemetry import Telemetry
+from evaluator.worker import PeriodicWorker
 
 if TYPE_CHECKING:  # the rule engine imports `enqueue` without needing the transports
     from evaluator.exporter.transport import SendResult, Transport
@@ -40,7 +40,7 @@ def enqueue(cur: duckdb.DuckDBPyConnection, destination: str, payload: bytes, it
                 [_dt(now), destination, payload, items, _dt(now)])
 
 
-class OutboxSender:
+class OutboxSender(PeriodicWorker):
     def __init__(
         self,
         cursor_factory: Callable[[], duckdb.DuckDBPyConnection],
@@ -54,18 +54,14 @@ class OutboxSender:
         rng: random.Random | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
+        super().__init__("outbox-sender", idle_poll)
         self._cursor = cursor_factory
         self._transports = dict(transports)
         self._clock = clock
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
-        self._idle_poll = idle_poll
         self._rng = rng or random.Random()
         self._log = log or structlog.get_logger("outbox")
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._sent = telemetry.counter("exports_sent_total", "Outbox requests acknowledged by the receiver.",
                                        ("destination",))
         self._items = telemetry.counter("exported_items_total", "Alert spans acknowledged by the receiver.",
@@ -88,7 +84,7 @@ class OutboxSender:
         the outbox is empty)."""
         next_due: float | None = None
         for destination, transport in self._transports.items():
-            while not self._stop.is_set():
+            while not self.stopping:
                 row = self._head(destination)
                 if row is None:
                     break
@@ -158,35 +154,9 @@ class OutboxSender:
         out.update({d: (int(w), int(x)) for d, w, x in rows})
         return out
 
-    # -- lifecycle --------------------------------------------------------------------------------------------
-    def wake(self) -> None:
-        """New rows were enqueued: send now rather than at the next poll."""
-        self._wake.set()
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is not None:
-                return
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="outbox-sender", daemon=True)
-            self._thread.start()
-
-    def shutdown(self) -> None:
-        """Stop; a backoff wait is interrupted. Unsent rows stay in the outbox for the next start. Idempotent."""
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._stop.set()
-        self._wake.set()
-        thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                wait = self.run_once()
-            except duckdb.Error as exc:  # the store is closing or failed; try again shortly
-                self._log.warning("outbox pass failed", error=str(exc))
-                wait = self._idle_poll
-            self._wake.wait(self._idle_poll if wait is None else min(wait, self._idle_poll))
-            self._wake.clear()
+    def tick(self) -> float | None:
+        try:
+            return self.run_once()
+        except duckdb.Error as exc:  # the store is closing or failed; try again at the next poll
+            self._log.warning("outbox pass failed", error=str(exc))
+            return None

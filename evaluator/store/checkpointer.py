@@ -11,7 +11,6 @@ every commit. DuckDB's own threshold stays set, at 4x ours, as a safety net shou
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import duckdb
@@ -19,9 +18,10 @@ import structlog
 
 from evaluator.store.store import Store
 from evaluator.telemetry import Telemetry
+from evaluator.worker import PeriodicWorker
 
 
-class Checkpointer:
+class Checkpointer(PeriodicWorker):
     def __init__(
         self,
         store: Store,
@@ -31,39 +31,21 @@ class Checkpointer:
         poll_seconds: float = 0.1,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
+        super().__init__("checkpointer", poll_seconds)
         self._store = store
         self._wal_path = store.settings.path + ".wal"
         self.wal_bytes = wal_bytes
-        self._poll = poll_seconds
         self._log = log or structlog.get_logger("checkpointer")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._count = telemetry.counter("store_checkpoints_total", "Checkpoints run by the background thread.")
         self._seconds = telemetry.counter("store_checkpoint_seconds_total", "Time spent in those checkpoints.")
         self._failures = telemetry.counter("store_checkpoint_failures_total", "Checkpoints that failed (retried).")
 
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is not None:
-                return
-            cur = self._store.cursor()
-            try:
-                cur.execute(f"SET checkpoint_threshold = '{4 * self.wal_bytes}B'")
-            finally:
-                cur.close()
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
-            self._thread.start()
-
-    def shutdown(self) -> None:
-        """Stop the thread (the store's own shutdown runs the final checkpoint). Idempotent."""
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._stop.set()
-        thread.join()
+    def before_start(self) -> None:
+        cur = self._store.cursor()
+        try:
+            cur.execute(f"SET checkpoint_threshold = '{4 * self.wal_bytes}B'")
+        finally:
+            cur.close()
 
     def wal_size(self) -> int:
         try:
@@ -71,20 +53,19 @@ class Checkpointer:
         except OSError:
             return 0
 
-    def _run(self) -> None:
+    def tick(self) -> float | None:
+        if self.wal_size() < self.wal_bytes:
+            return None
+        t0 = time.perf_counter()
         cur = self._store.cursor()
         try:
-            while not self._stop.wait(self._poll):
-                if self.wal_size() < self.wal_bytes:
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    cur.execute("CHECKPOINT")
-                except duckdb.Error as exc:  # e.g. a conflicting transaction: try again at the next poll
-                    self._failures.inc()
-                    self._log.warning("checkpoint failed; will retry", error=str(exc))
-                    continue
-                self._count.inc()
-                self._seconds.inc(time.perf_counter() - t0)
+            cur.execute("CHECKPOINT")
+        except duckdb.Error as exc:  # e.g. a conflicting transaction: try again at the next poll
+            self._failures.inc()
+            self._log.warning("checkpoint failed; will retry", error=str(exc))
+            return None
         finally:
             cur.close()
+        self._count.inc()
+        self._seconds.inc(time.perf_counter() - t0)
+        return None
