@@ -221,3 +221,43 @@ def test_metrics_reach_a_real_metrics_receiver_and_match_admin_metrics(tmp_path:
     finally:
         daemon.shutdown()
         server.stop(0)
+
+
+def test_ladder_inhibition_pages_only_the_rung_that_broke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While freshness fires for the dataset, the completeness and distribution alerts for it are recorded as
+    inhibited and not sent: the page goes to the data platform team, whose rung broke first."""
+    rules = tmp_path / "payments.rules.yaml"
+    rules.write_text(RULES.read_text().replace(
+        "    interval: 1m\n", "    interval: 1m\n    ladder_inhibition: {labels: [data.dataset, dataset]}\n", 1))
+    port = _free_port()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
+    downstream = _downstream(tmp_path, port, "downstream")
+    clock = FakeClock(T0 + 14 * DAY + 7 * 3600)
+    daemon = Daemon(loopback_config(tmp_path / "ev.duckdb", rules=(str(rules),)), clock=clock)
+    daemon.start()
+    try:
+        assert daemon.grpc is not None and daemon.outbox is not None
+        send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
+        events = daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        assert {(e.rule.name, e.inhibited) for e in events} == {
+            ("PaymentsFreshnessLag", False), ("PaymentsRowCount", True), ("PaymentsAmountMedian", True),
+            ("PaymentsAmountPSI", True)}
+        outbox = daemon.outbox
+
+        def delivered() -> bool:
+            clock.advance(1)
+            outbox.wake()
+            return len(_stored_alerts(downstream)) >= 1
+
+        wait_for(delivered, timeout=30, interval=0.1)
+        daemon.outbox.shutdown()  # nothing else is on its way
+        assert [r[2] for r in _stored_alerts(downstream)] == ["PaymentsFreshnessLag"]
+        cur = daemon.store.cursor()
+        assert sorted(cur.execute("SELECT alert_name, inhibited FROM alerts").fetchall()) == [
+            ("PaymentsAmountMedian", True), ("PaymentsAmountPSI", True), ("PaymentsFreshnessLag", False),
+            ("PaymentsRowCount", True)]
+        cur.close()
+    finally:
+        daemon.shutdown()
+        downstream.shutdown()

@@ -191,3 +191,15 @@ def test_series_notation() -> None:
     assert expand_series("0.02x2 6 1-0.5x3") == [0.02, 0.02, 6.0, 1.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="bad series value 'six'"):
         expand_series("1 six")
+
+
+def test_ladder_inhibition_option(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    body = "    rules:\n      - {alert: A, kind: absence, rung: freshness, owner: x, expected_every: 1d}\n"
+    for option, expected in (("true", ("data.dataset",)), ("{labels: [data.dataset, dataset]}",
+                                                             ("data.dataset", "dataset")), ("false", ())):
+        path.write_text(f"groups:\n  - name: g\n    ladder_inhibition: {option}\n" + body)
+        assert load_rules([str(path)]).groups[0].inhibit_labels == expected
+    path.write_text("groups:\n  - name: g\n    ladder_inhibition: {labels: []}\n" + body)
+    with pytest.raises(InvalidConfig, match="ladder_inhibition.labels: name the series label"):
+        load_rules([str(path)])

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -24,6 +24,8 @@ import structlog
 
 from evaluator.exporter.outbox import TRACES, enqueue
 from evaluator.rules.model import (
+    FIRING,
+    RUNG_ORDER,
     Rule,
     RuleError,
     RuleGroup,
@@ -69,6 +71,7 @@ class AlertEvent:
     transition: Transition
     summary: str
     annotations: dict[str, str]
+    inhibited: bool = False  # ladder inhibition: recorded, not sent
 
 
 @dataclass(frozen=True)
@@ -196,15 +199,17 @@ class DuckDBState:
                 cur.execute(
                     "INSERT INTO alerts (evaluated_at, rule_id, alert_name, group_name, kind, rung, owner, "
                     "severity, series, from_state, state, value, threshold, consecutive_violations, run_at, "
-                    "summary, detail, labels, annotations, violating_spans) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "summary, detail, labels, annotations, violating_spans, inhibited) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [to_dt(t.at), r.id, r.name, r.group, r.kind, r.rung, r.owner, r.severity,
                      series_json(t.series), t.from_state, t.to_state, t.value, threshold_json(t.threshold),
                      t.consecutive, to_dt(t.run_at), ev.summary, t.detail, json.dumps(dict(r.labels)),
-                     json.dumps(ev.annotations), [{"trace_id": a, "span_id": b} for a, b in t.spans]],
+                     json.dumps(ev.annotations), [{"trace_id": a, "span_id": b} for a, b in t.spans],
+                     ev.inhibited],
                 )
-            if events and self._encode is not None:
-                enqueue(cur, TRACES, self._encode(events), len(events), ts)
+            to_send = [ev for ev in events if not ev.inhibited]
+            if to_send and self._encode is not None:
+                enqueue(cur, TRACES, self._encode(to_send), len(to_send), ts)
             health = pa.Table.from_pylist([
                 {"rule_id": st.rule.id, "group_name": st.rule.group, "alert_name": st.rule.name,
                  "kind": st.rule.kind, "health": "ok" if st.error is None else "error", "last_error": st.error,
@@ -216,7 +221,7 @@ class DuckDBState:
                 cur.execute("INSERT OR REPLACE INTO rule_health SELECT * FROM health_rows")
                 cur.unregister("health_rows")
             cur.execute("COMMIT")
-            if events and self._encode is not None and self._on_enqueued is not None:
+            if to_send and self._encode is not None and self._on_enqueued is not None:
                 self._on_enqueued()
         except Exception:
             cur.execute("ROLLBACK")
@@ -313,6 +318,8 @@ class RuleEngine:
                 changed = tuple(s for k, s in states.items() if prior[rule.id].get(k) != s)
                 statuses.append(RuleStatus(rule, states, None, durations.get(rule.id, 0.0), changed))
                 events.extend(rule_events)
+            if group.inhibit_labels:
+                events = _inhibit(group.inhibit_labels, statuses, events)
             self.state.save(group, ts, statuses, events)
             for st in statuses:
                 if st.error is None:
@@ -321,8 +328,8 @@ class RuleEngine:
             for ev in events:
                 self._transitions.inc(state=ev.transition.to_state)
                 self._rule_transitions.inc(rule_id=ev.rule.id, state=ev.transition.to_state)
-                self._log.info("alert " + ev.transition.to_state, rule=ev.rule.id,
-                               series=dict(ev.transition.series), value=ev.transition.value,
+                self._log.info("alert " + ev.transition.to_state + (" (inhibited)" if ev.inhibited else ""),
+                               rule=ev.rule.id, series=dict(ev.transition.series), value=ev.transition.value,
                                previous=ev.transition.from_state, summary=ev.summary)
             self._group_seconds.set(time.perf_counter() - t0, group=group.name)
             return events
@@ -355,6 +362,32 @@ class RuleEngine:
                 summary = annotations.get("summary") or _default_summary(rule, t)
                 events.append(AlertEvent(rule, t, summary, annotations))
         return states, events
+
+
+def _dataset(labels: tuple[str, ...], series: SeriesKey) -> str | None:
+    values = dict(series)
+    return next((values[label] for label in labels if values.get(label)), None)
+
+
+def _inhibit(labels: tuple[str, ...], statuses: list[RuleStatus], events: list[AlertEvent]) -> list[AlertEvent]:
+    """Ladder inhibition: a transition of a rule is inhibited while, for the same dataset, an alert of a higher
+    rung (freshness before completeness before distribution before prediction quality) is firing after this
+    evaluation. The page goes to the owner of the rung that broke; the others are recorded, not sent."""
+    highest: dict[str, int] = {}
+    for st in statuses:
+        if st.error is not None:
+            continue
+        order = RUNG_ORDER[st.rule.rung]
+        for s in st.states.values():
+            d = _dataset(labels, s.series) if s.state == FIRING else None
+            if d is not None:
+                highest[d] = min(highest.get(d, order), order)
+    out = []
+    for ev in events:
+        d = _dataset(labels, ev.transition.series)
+        above = highest.get(d) if d is not None else None
+        out.append(replace(ev, inhibited=True) if above is not None and above < RUNG_ORDER[ev.rule.rung] else ev)
+    return out
 
 
 def _default_summary(rule: Rule, t: Transition) -> str:

@@ -333,6 +333,24 @@ def _parse_rule(node: Node, group: str, index: int, file: str, problems: Problem
     )
 
 
+def _ladder(node: Node | None, group: str, problems: Problems) -> tuple[str, ...]:
+    """`ladder_inhibition: true` (the dataset label data.dataset) or `{labels: [data.dataset, dataset]}`."""
+    key = f"groups.{group}.ladder_inhibition"
+    if node is None or node.value is False:
+        return ()
+    if node.value is True:
+        return ("data.dataset",)
+    m = read_map(node, key, problems)
+    if m is None:
+        return ()
+    check_keys(m, {"labels"}, problems, key)
+    labels = read_str_list(m.get("labels"), f"{key}.labels", problems)
+    if not labels:
+        problems.add(m, f"{key}.labels", "name the series label(s) that identify a dataset, e.g. [data.dataset]")
+        return ()
+    return tuple(labels)
+
+
 def parse_rule_file(root: Node, problems: Problems) -> list[RuleGroup]:
     if not root.is_map():
         problems.add(root, "", "a rule file must be a mapping with a groups list")
@@ -348,7 +366,7 @@ def parse_rule_file(root: Node, problems: Problems) -> list[RuleGroup]:
         if not g.is_map():
             problems.add(g, gw, "a group must be a mapping")
             continue
-        check_keys(g, {"name", "interval", "rules"}, problems, gw)
+        check_keys(g, {"name", "interval", "rules", "ladder_inhibition"}, problems, gw)
         gname = _require_str(g, "name", gw, problems) or f"#{gi}"
         interval = read_duration(g.get("interval"), f"groups.{gname}.interval", problems)
         if g.get("interval") is None:
@@ -373,7 +391,8 @@ def parse_rule_file(root: Node, problems: Problems) -> list[RuleGroup]:
             seen[rule.name] = r.line
             rules.append(rule)
         if interval is not None:
-            groups.append(RuleGroup(gname, interval, tuple(rules), source=f"{root.file}:{g.line}"))
+            groups.append(RuleGroup(gname, interval, tuple(rules), source=f"{root.file}:{g.line}",
+                                    inhibit_labels=_ladder(g.get("ladder_inhibition"), gname, problems)))
     return groups
 
 

@@ -140,6 +140,9 @@ class RuleGroup:
     interval: float  # seconds
     rules: tuple[Rule, ...]
     source: str = ""
+    # Ladder inhibition: while an alert of a higher rung fires for a series whose value of one of these labels is
+    # D, transitions of lower rungs for D are recorded as inhibited and not sent. Empty: off.
+    inhibit_labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ SCHEMA_VERSION with a migration in `store.py`.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 DDL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS meta (
@@ -93,6 +93,8 @@ DDL: tuple[str, ...] = (
         annotations JSON,
         violating_spans STRUCT(trace_id VARCHAR, span_id VARCHAR)[]
     )""",
+    # v5: ladder inhibition (an inhibited transition is recorded, not sent)
+    """ALTER TABLE alerts ADD COLUMN IF NOT EXISTS inhibited BOOLEAN DEFAULT false""",
     """CREATE TABLE IF NOT EXISTS rule_health (
         rule_id VARCHAR PRIMARY KEY,
         group_name VARCHAR NOT NULL,
