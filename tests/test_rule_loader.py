@@ -201,5 +201,5 @@ def test_ladder_inhibition_option(tmp_path: Path) -> None:
         path.write_text(f"groups:\n  - name: g\n    ladder_inhibition: {option}\n" + body)
         assert load_rules([str(path)]).groups[0].inhibit_labels == expected
     path.write_text("groups:\n  - name: g\n    ladder_inhibition: {labels: []}\n" + body)
-    with pytest.raises(InvalidConfig, match="ladder_inhibition.labels: name the series label"):
+    with pytest.raises(InvalidConfig, match=r"ladder_inhibition\.labels: name the series label"):
         load_rules([str(path)])
