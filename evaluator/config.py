@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from evaluator.admin.server import AdminSettings
+from evaluator.exporter.alertmanager import AlertmanagerSettings
 from evaluator.exporter.otlp_config import COMPRESSIONS, PROTOCOLS, OtlpExporterConfig
 from evaluator.httpbase import split_hostport
 from evaluator.log import LEVELS
@@ -68,6 +69,7 @@ class Config:
     shutdown_grace_seconds: float = 10.0
     rules: tuple[str, ...] = ()  # rule files or folders; relative paths are relative to the config file
     exporter: OtlpExporterConfig = field(default_factory=OtlpExporterConfig)  # OTEL_EXPORTER_OTLP_* override it
+    alertmanager: AlertmanagerSettings = field(default_factory=AlertmanagerSettings)
     source: str = "(embedded defaults)"
 
 
@@ -107,7 +109,22 @@ def config_from_node(root: Node, problems: Problems) -> Config:
     if not root.is_map():
         problems.add(root, "", "the config file must be a mapping")
         return cfg
-    check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace", "rules", "exporter"}, problems, "")
+    check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace", "rules", "exporter", "alertmanager"},
+               problems, "")
+    am = read_map(root.get("alertmanager"), "alertmanager", problems)
+    if am is not None:
+        check_keys(am, {"url", "resend_interval", "timeout"}, problems, "alertmanager")
+        url = read_str(am.get("url"), "alertmanager.url", problems)
+        if url is not None and not url.startswith(("http://", "https://")):
+            problems.add(am.get("url"), "alertmanager.url", "must be an http:// or https:// URL")
+            url = None
+        resend = read_duration(am.get("resend_interval"), "alertmanager.resend_interval", problems)
+        if resend is not None and resend <= 0:
+            problems.add(am.get("resend_interval"), "alertmanager.resend_interval", "must be above 0")
+            resend = None
+        cfg = replace(cfg, alertmanager=_set(cfg.alertmanager, url=url, resend_interval=resend,
+                                             timeout_seconds=read_duration(am.get("timeout"), "alertmanager.timeout",
+                                                                           problems)))
     exp = read_map(root.get("exporter"), "exporter", problems)
     if exp is not None:
         keys = ("endpoint", "protocol", "headers", "compression", "timeout", "insecure", "certificate", "client_key",

@@ -17,15 +17,21 @@ import structlog
 from evaluator.admin.server import AdminServer
 from evaluator.clock import Clock, SystemClock
 from evaluator.config import Config
+from evaluator.exporter.alertmanager import (
+    ALERTMANAGER,
+    AlertmanagerRefresher,
+    AlertmanagerTransport,
+    transitions_payload,
+)
 from evaluator.exporter.encode import alert_spans_request
 from evaluator.exporter.metrics import MetricsReporter, export_interval
 from evaluator.exporter.otlp_config import from_env
 from evaluator.exporter.outbox import TRACES, OutboxSender
-from evaluator.exporter.transport import make_transport
+from evaluator.exporter.transport import Transport, make_transport
 from evaluator.receiver.grpc_server import GrpcReceiver
 from evaluator.receiver.http_server import HttpReceiver
 from evaluator.receiver.ingest import Ingestor
-from evaluator.rules.engine import DuckDBState, RuleEngine
+from evaluator.rules.engine import DuckDBState, OutboxEncoder, RuleEngine
 from evaluator.rules.kinds import KINDS
 from evaluator.rules.loader import load_rules
 from evaluator.rules.model import RuleSet
@@ -83,13 +89,26 @@ class Daemon:
         if metrics_transport is not None:
             self.metrics = MetricsReporter(metrics_transport, self.telemetry, self.clock, interval=interval,
                                            log=self.log.bind(component="metrics"))
+        transports: dict[str, Transport] = {}
+        encoders: dict[str, OutboxEncoder] = {}
+        if transport is not None:
+            transports[TRACES] = transport
+            encoders[TRACES] = lambda events: alert_spans_request(events).SerializeToString()
+        am = config.alertmanager
+        self.alertmanager: AlertmanagerRefresher | None = None
+        if am.url:
+            am_transport = AlertmanagerTransport(am)
+            transports[ALERTMANAGER] = am_transport
+            encoders[ALERTMANAGER] = lambda events: transitions_payload(events, am.resend_interval)
+            self.alertmanager = AlertmanagerRefresher(
+                AlertmanagerTransport(am), self.store.cursor, lambda: {r.id: r for r in self.engine.ruleset.rules()},
+                self.clock, self.telemetry, am, log=self.log.bind(component="alertmanager"))
         self.outbox: OutboxSender | None = None
         state = DuckDBState(self.store.cursor)
-        if transport is not None:
-            self.outbox = OutboxSender(self.store.cursor, {TRACES: transport}, self.clock, self.telemetry,
+        if transports:
+            self.outbox = OutboxSender(self.store.cursor, transports, self.clock, self.telemetry,
                                        log=self.log.bind(component="outbox"))
-            state = DuckDBState(self.store.cursor, lambda events: alert_spans_request(events).SerializeToString(),
-                                self.outbox.wake)
+            state = DuckDBState(self.store.cursor, encoders, self.outbox.wake)
         self.exporter_endpoint = traces.endpoint
         self.engine = RuleEngine(self.store.cursor, KINDS, state, self.telemetry,
                                  log=self.log.bind(component="rules"))
@@ -120,6 +139,8 @@ class Daemon:
                     self.outbox.start()
                 if self.metrics is not None:
                     self.metrics.start()
+                if self.alertmanager is not None:
+                    self.alertmanager.start()
                 if ruleset.groups:
                     self.scheduler.start(ruleset.groups)
                 self.admin.start()
@@ -173,6 +194,8 @@ class Daemon:
             if receiver is not None:
                 receiver.shutdown(grace)
         self.scheduler.shutdown()
+        if self.alertmanager is not None:
+            self.alertmanager.shutdown()
         if self.outbox is not None:
             self.outbox.shutdown()
         self.writer.shutdown()

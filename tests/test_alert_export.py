@@ -261,3 +261,64 @@ def test_ladder_inhibition_pages_only_the_rung_that_broke(tmp_path: Path, monkey
     finally:
         daemon.shutdown()
         downstream.shutdown()
+
+
+def test_alertmanager_gets_firing_then_resolved_and_periodic_resends(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alertmanager v2 API: firing alerts with labels from the rule and series, re-sent while firing; resolved
+    alerts sent as resolved (endsAt = when they resolved). An in-process HTTP server plays Alertmanager."""
+    import json as _json
+    import threading
+    from datetime import datetime
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from evaluator.exporter.alertmanager import AlertmanagerSettings
+
+    posts: list[list[dict[str, Any]]] = []
+
+    class AM(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            assert self.path == "/api/v2/alerts"
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(_json.loads(body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), AM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    clock = FakeClock(T0 + 14 * DAY + 7 * 3600)
+    cfg = replace(loopback_config(tmp_path / "ev.duckdb", rules=(str(RULES),)),
+                  alertmanager=AlertmanagerSettings(url=f"http://127.0.0.1:{server.server_port}", resend_interval=0.2))
+    daemon = Daemon(cfg, clock=clock)
+    daemon.start()
+    try:
+        assert daemon.grpc is not None and daemon.outbox is not None and daemon.alertmanager is not None
+        send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
+        daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        wait_for(lambda: len(posts) >= 3)  # the transitions, then at least one re-send
+        first = posts[0]
+        lag = next(a for a in first if a["labels"]["alertname"] == "PaymentsFreshnessLag")
+        assert lag["labels"] == {"alertname": "PaymentsFreshnessLag", "rule_id": "payments-contract/PaymentsFreshnessLag",
+                                 "group": "payments-contract", "rung": "freshness", "owner": "data-platform",
+                                 "severity": "page", "data_dataset": "payments/transactions_yesterday"}
+        assert lag["annotations"]["summary"].startswith("payments/transactions_yesterday: newest event 6 h")
+        assert {a["labels"]["alertname"] for a in first} == {"PaymentsFreshnessLag", "PaymentsRowCount",
+                                                             "PaymentsAmountMedian", "PaymentsAmountPSI"}
+        resent = {a["labels"]["alertname"] for a in posts[-1]}
+        assert "PaymentsFreshnessLag" in resent
+        count = len(posts)
+        send_days(f"127.0.0.1:{daemon.grpc.port}", range(15, 16), broken=set())
+        clock.advance(DAY)
+        daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        wait_for(lambda: any(any(a["labels"]["alertname"] == "PaymentsFreshnessLag" and
+                                 datetime.fromisoformat(a["endsAt"].replace("Z", "+00:00")).timestamp()
+                                 == clock.now() for a in p) for p in posts[count:]))
+    finally:
+        daemon.shutdown()
+        server.shutdown()

@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 import structlog
 
-from evaluator.exporter.outbox import TRACES, enqueue
+from evaluator.exporter.outbox import enqueue
 from evaluator.rules.model import (
     FIRING,
     RUNG_ORDER,
@@ -130,7 +130,7 @@ _HEALTH_SCHEMA = pa.schema([
 ])
 
 
-OutboxEncoder = Callable[[list[AlertEvent]], bytes]
+OutboxEncoder = Callable[[list[AlertEvent]], bytes | None]  # None: nothing for this destination
 
 
 class DuckDBState:
@@ -139,10 +139,12 @@ class DuckDBState:
     With an outbox encoder, each evaluation's alert events are also written to the outbox as one OTLP request,
     in the same transaction: an alert that is recorded is an alert that will be sent."""
 
-    def __init__(self, cursor_factory: Any, outbox_encoder: OutboxEncoder | None = None,
+    def __init__(self, cursor_factory: Any, outbox_encoders: Mapping[str, OutboxEncoder] | None = None,
                  on_enqueued: Callable[[], None] | None = None) -> None:
+        """outbox_encoders: per outbox destination, how an evaluation's (not inhibited) events become one
+        request."""
         self._cursor = cursor_factory
-        self._encode = outbox_encoder
+        self._encoders = dict(outbox_encoders or {})
         self._on_enqueued = on_enqueued
 
     def load(self, rules: list[Rule]) -> dict[str, dict[SeriesKey, SeriesState]]:
@@ -208,8 +210,12 @@ class DuckDBState:
                      ev.inhibited],
                 )
             to_send = [ev for ev in events if not ev.inhibited]
-            if to_send and self._encode is not None:
-                enqueue(cur, TRACES, self._encode(to_send), len(to_send), ts)
+            enqueued = False
+            for destination, encode in self._encoders.items():
+                payload = encode(to_send) if to_send else None
+                if payload is not None:
+                    enqueue(cur, destination, payload, len(to_send), ts)
+                    enqueued = True
             health = pa.Table.from_pylist([
                 {"rule_id": st.rule.id, "group_name": st.rule.group, "alert_name": st.rule.name,
                  "kind": st.rule.kind, "health": "ok" if st.error is None else "error", "last_error": st.error,
@@ -221,7 +227,7 @@ class DuckDBState:
                 cur.execute("INSERT OR REPLACE INTO rule_health SELECT * FROM health_rows")
                 cur.unregister("health_rows")
             cur.execute("COMMIT")
-            if to_send and self._encode is not None and self._on_enqueued is not None:
+            if enqueued and self._on_enqueued is not None:
                 self._on_enqueued()
         except Exception:
             cur.execute("ROLLBACK")
