@@ -304,9 +304,10 @@ def test_alertmanager_gets_firing_then_resolved_and_periodic_resends(tmp_path: P
         wait_for(lambda: len(posts) >= 3)  # the transitions, then at least one re-send
         first = posts[0]
         lag = next(a for a in first if a["labels"]["alertname"] == "PaymentsFreshnessLag")
-        assert lag["labels"] == {"alertname": "PaymentsFreshnessLag",
-                                 "rule_id": "payments-contract/PaymentsFreshnessLag", "group": "payments-contract", "rung": "freshness", "owner": "data-platform",
-                                 "severity": "page", "data_dataset": "payments/transactions_yesterday"}
+        assert lag["labels"] == {
+            "alertname": "PaymentsFreshnessLag", "rule_id": "payments-contract/PaymentsFreshnessLag",
+            "group": "payments-contract", "rung": "freshness", "owner": "data-platform", "severity": "page",
+            "data_dataset": "payments/transactions_yesterday"}
         assert lag["annotations"]["summary"].startswith("payments/transactions_yesterday: newest event 6 h")
         assert {a["labels"]["alertname"] for a in first} == {"PaymentsFreshnessLag", "PaymentsRowCount",
                                                              "PaymentsAmountMedian", "PaymentsAmountPSI"}
