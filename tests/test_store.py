@@ -62,3 +62,32 @@ def test_read_only_store_needs_an_existing_evaluator_file(tmp_path: Path) -> Non
     duckdb.connect(str(other)).close()
     with pytest.raises(StoreError, match="not an otel-evaluator store"):
         Store(StoreSettings(str(other), read_only=True)).start()
+
+
+def test_sql_cannot_reach_the_file_system(tmp_path: Path) -> None:
+    """Rules and queries read the store, never files: DuckDB refuses read_csv, COPY and ATTACH on the daemon's
+    connection, so a sql rule that tries is unhealthy with a clear error."""
+    from evaluator.rules.engine import MemoryState, RuleEngine
+    from evaluator.rules.kinds import KINDS
+    from evaluator.rules.model import Condition, Rule, RuleGroup, RuleSet, SqlSpec
+
+    store = Store(StoreSettings(str(tmp_path / "ev.duckdb")))
+    store.start()
+    try:
+        cur = store.cursor()
+        for sql in ("SELECT * FROM read_csv('/etc/passwd')", f"COPY spans TO '{tmp_path}/out.csv'",
+                    f"ATTACH '{tmp_path}/other.duckdb' AS other"):
+            with pytest.raises(duckdb.PermissionException):
+                cur.execute(sql)
+        cur.close()
+        rule = Rule(name="Snoop", group="g", kind="sql", rung="custom", owner="x", severity="info",
+                    spec=SqlSpec("SELECT count(*) AS value FROM read_csv('/etc/passwd')"),
+                    condition=Condition(">", 0.0))
+        group = RuleGroup("g", 60.0, (rule,))
+        engine = RuleEngine(store.cursor, KINDS, MemoryState())
+        engine.load(RuleSet((group,)))
+        engine.evaluate_group(group, 1_800_000_000.0)
+        assert "Cannot access file" in (engine.health["g/Snoop"] or "")
+        assert not (tmp_path / "out.csv").exists()
+    finally:
+        store.shutdown()

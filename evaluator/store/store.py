@@ -49,7 +49,10 @@ class Store:
                     os.makedirs(parent, exist_ok=True)
                 except OSError as exc:
                     raise StoreError(f"cannot create the folder for {path}: {exc.strerror}") from None
-            config: dict[str, str | bool | int | float | list[str]] = {}
+            # No file access from SQL: rules and queries read the store, never the file system (read_csv('/etc/...'),
+            # COPY, ATTACH, INSTALL/LOAD are refused by DuckDB itself). The daemon's own inserts use registered
+            # Arrow tables, which this does not affect.
+            config: dict[str, str | bool | int | float | list[str]] = {"enable_external_access": False}
             if self.settings.memory_limit:
                 config["memory_limit"] = self.settings.memory_limit
             if self.settings.threads:
