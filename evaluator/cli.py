@@ -59,6 +59,16 @@ def _rule_parsers(sub: argparse._SubParsersAction) -> None:
                                    "Each test runs on a fresh DuckDB file through the real ingest path and engine.")
     p.add_argument("paths", nargs="+", metavar="FILE", help="test files (*.test.yaml)")
 
+    p = sub.add_parser("ladder", help="the four rungs per dataset, top-down, and where to start",
+                       description="Per dataset, the four rungs (freshness, completeness, distribution, prediction "
+                                   "quality) with each rung's status, value, since when and owner; the first firing "
+                                   "rung is marked as where to start. Asks the running daemon's admin endpoint; when "
+                                   "none answers, reads the DuckDB file (read-only).")
+    p.add_argument("--dataset", metavar="NAME", help="one dataset (the series label data.dataset)")
+    p.add_argument("--admin", default="http://127.0.0.1:13133", metavar="URL", help="the daemon's admin address")
+    p.add_argument("--db", default="./evaluator.duckdb", metavar="PATH", help="the file, when no daemon answers")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
     p = sub.add_parser("eval", help="evaluate rules once, at a given time, over a stopped daemon's file",
                        description="Evaluate every rule once at --at over a DuckDB file (opened read-only; stop "
                                    "the daemon first, or copy its file) and print each rule, series, value, "
@@ -80,6 +90,45 @@ def _rule_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", dest="end", required=True, metavar="TIME", help="last evaluation time (inclusive)")
     p.add_argument("--step", required=True, metavar="DURATION", help="e.g. 1h, 1d")
     p.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def cmd_ladder(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from evaluator.postmortem.ladder import DatasetLadder, Rung, build_ladder, render_table
+    from evaluator.store.store import Store, StoreError, StoreSettings
+
+    configure_logging("warning")
+
+    query = "?" + urllib.parse.urlencode({"dataset": args.dataset}) if args.dataset else ""
+    ladders: list[DatasetLadder] | None = None
+    try:
+        with urllib.request.urlopen(args.admin.rstrip("/") + "/ladder" + query, timeout=5) as resp:
+            data = json.loads(resp.read())
+        ladders = [DatasetLadder(d["dataset"], [Rung(**r) for r in d["rungs"]], d["start_here"]) for d in data]
+    except (urllib.error.URLError, OSError):
+        pass  # no daemon answering: read the file
+    if ladders is None:
+        store = Store(StoreSettings(path=args.db, read_only=True))
+        try:
+            store.start()
+        except StoreError as exc:
+            print(f"otel-evaluator: no daemon at {args.admin} and {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        cur = store.cursor()
+        try:
+            ladders = build_ladder(cur, args.dataset)
+        finally:
+            cur.close()
+            store.shutdown()
+    if args.format == "json":
+        print(json.dumps([lad.as_dict() for lad in ladders], indent=2))
+    else:
+        sys.stdout.write(render_table(ladders))
+    return EXIT_OK
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -192,5 +241,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    handlers = {"serve": cmd_serve, "check": cmd_check, "test": cmd_test, "eval": cmd_eval, "replay": cmd_replay}
+    handlers = {"serve": cmd_serve, "check": cmd_check, "test": cmd_test, "eval": cmd_eval, "replay": cmd_replay,
+                "ladder": cmd_ladder}
     return handlers[args.command](args)

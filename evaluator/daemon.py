@@ -76,7 +76,7 @@ class Daemon:
         self.http = (HttpReceiver(self.ingestor, config.http, log=self.log.bind(component="http"))
                      if config.http else None)
         self.admin = AdminServer(config.admin, self.telemetry, self._not_ready_reason,
-                                 log=self.log.bind(component="admin"))
+                                 log=self.log.bind(component="admin"), cursor_factory=self.store.cursor)
         environ = os.environ if env is None else env
         try:
             traces = from_env(environ, "traces", base=config.exporter)

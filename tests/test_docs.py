@@ -66,7 +66,7 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
 
 def test_every_documented_command_exists() -> None:
     documented = re.findall(r"^\| `(\w+)[ `]", (ROOT / "docs" / "cli.md").read_text(), re.M)
-    assert documented == ["serve", "check", "test", "eval", "replay"]
+    assert documented == ["serve", "check", "test", "ladder", "eval", "replay"]
     from evaluator.cli import build_parser
 
     parser = build_parser()
