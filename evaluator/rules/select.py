@@ -222,12 +222,8 @@ def _build_sql(shape: RunShape, newest_only: bool) -> str:
     cols = [f"{member} AS m", "sp.span_key AS span_key", "epoch_us(sp.time) AS time_us", "sp.trace_id AS trace_id",
             "sp.span_id AS span_id", f"{value} AS value"]
     partition = [member]
+    add_group_by(len(shape.group_by), ctes, joins, cols)
     for i in range(len(shape.group_by)):
-        ctes.append(_attr(f"gs{i}", "span_strings", f"g{i}"))
-        ctes.append(_attr(f"gn{i}", "span_numbers", f"g{i}"))
-        joins.append(f"LEFT JOIN gs{i} ON gs{i}.span_key = sp.span_key")
-        joins.append(f"LEFT JOIN gn{i} ON gn{i}.span_key = sp.span_key")
-        cols += [f"gs{i}.value AS gs{i}", f"gn{i}.value AS gn{i}"]
         partition += [f"gs{i}.value", f"gn{i}.value"]
     if shape.extra is not None:
         ctes.append(_attr("x", "span_numbers", "xk"))
@@ -417,4 +413,28 @@ def evaluate_batched(rules: Sequence[Rule], shape: Callable[[Rule], tuple[RunSha
                     out.update(run_batch(s, [item]))
                 except Exception as exc1:
                     out[item[0].id] = rule_error(item[0], exc1)
+    return out
+
+
+def add_group_by(n: int, ctes: list[str], joins: list[str], cols: list[str],
+                 attr: Callable[[str, str, str], str] = _attr) -> None:
+    """The SQL for n group_by attributes (parameters $g0..): each a string or a number, LEFT JOINed to `sp`,
+    selected as gs<i> / gn<i>. `attr` builds an attribute CTE (name, table, key parameter) with the caller's
+    time filter."""
+    for i in range(n):
+        ctes.append(attr(f"gs{i}", "span_strings", f"g{i}"))
+        ctes.append(attr(f"gn{i}", "span_numbers", f"g{i}"))
+        joins.append(f"LEFT JOIN gs{i} ON gs{i}.span_key = sp.span_key")
+        joins.append(f"LEFT JOIN gn{i} ON gn{i}.span_key = sp.span_key")
+        cols += [f"gs{i}.value AS gs{i}", f"gn{i}.value AS gn{i}"]
+
+
+def evaluate_each(rules: list[Rule], judge: Callable[[Rule], list[Sample]]) -> Results:
+    """For kinds that query rule by rule: one rule's failure is that rule's RuleError only."""
+    out: Results = {}
+    for rule in rules:
+        try:
+            out[rule.id] = judge(rule)
+        except Exception as exc:
+            out[rule.id] = rule_error(rule, exc)
     return out

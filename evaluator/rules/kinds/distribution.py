@@ -54,8 +54,8 @@ from evaluator.rules.select import (
     Member,
     Results,
     Runs,
+    evaluate_each,
     fetch_runs,
-    rule_error,
     series_key,
     shape_of,
     to_us,
@@ -161,13 +161,7 @@ class DistributionKind:
 
     def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
                  cursors: dict[str, dict[SeriesKey, SeriesCursor]]) -> Results:
-        out: Results = {}
-        for rule in rules:
-            try:
-                out[rule.id] = self._evaluate(rule, float(ts), cur)
-            except Exception as exc:
-                out[rule.id] = rule_error(rule, exc)
-        return out
+        return evaluate_each(rules, lambda rule: self._evaluate(rule, float(ts), cur))
 
     def _evaluate(self, rule: Rule, ts: float, cur: duckdb.DuckDBPyConnection) -> list[Sample]:
         spec = rule.spec

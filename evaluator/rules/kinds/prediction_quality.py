@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from evaluator.rules.model import Condition, Rule, RuleError, Sample, Selector, SeriesCursor, SeriesKey
-from evaluator.rules.select import US, Results, render_number, rule_error, series_key, to_us
+from evaluator.rules.select import US, Results, add_group_by, render_number, rule_error, series_key, to_us
 from evaluator.stats.classification import METRICS, ece
 from evaluator.yamlsrc import (
     Node,
@@ -237,12 +237,7 @@ def _build_sql(key: _DataKey) -> str:
         joins.append(f"JOIN w{i} ON w{i}.span_key = sp.span_key AND w{i}.value = $wv{i}")
     cols = ["sp.span_key AS span_key", "sp.end_time AS time", "sc.value AS score",
             f"coalesce(ids.value, {_render_sql('idn.value')}) AS id"]
-    for i in range(len(key.group_by)):
-        ctes.append(_attr(f"gs{i}", "span_strings", f"g{i}"))
-        ctes.append(_attr(f"gn{i}", "span_numbers", f"g{i}"))
-        joins.append(f"LEFT JOIN gs{i} ON gs{i}.span_key = sp.span_key")
-        joins.append(f"LEFT JOIN gn{i} ON gn{i}.span_key = sp.span_key")
-        cols += [f"gs{i}.value AS gs{i}", f"gn{i}.value AS gn{i}"]
+    add_group_by(len(key.group_by), ctes, joins, cols, _attr)
     # one prediction per id: the latest
     ctes.append(f"pred AS (SELECT {', '.join(cols)} FROM {' '.join(joins)} "
                 "WHERE ids.value IS NOT NULL OR idn.value IS NOT NULL "

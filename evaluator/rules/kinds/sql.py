@@ -24,7 +24,7 @@ from typing import Any
 import duckdb
 
 from evaluator.rules.model import Rule, RuleError, Sample, SeriesCursor, SeriesKey, SqlSpec
-from evaluator.rules.select import Results, render_number, rule_error, to_us
+from evaluator.rules.select import Results, evaluate_each, render_number, to_us
 
 NUMERIC = {"tinyint", "smallint", "integer", "bigint", "hugeint", "utinyint", "usmallint", "uinteger", "ubigint",
            "uhugeint", "float", "double", "decimal", "null"}
@@ -88,13 +88,7 @@ def label(v: object) -> str:
 class SqlKind:
     def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
                  cursors: dict[str, dict[SeriesKey, SeriesCursor]]) -> Results:
-        out: Results = {}
-        for rule in rules:
-            try:
-                out[rule.id] = self._one(rule, float(ts), cur)
-            except Exception as exc:
-                out[rule.id] = rule_error(rule, exc)
-        return out
+        return evaluate_each(rules, lambda rule: self._one(rule, float(ts), cur))
 
     @staticmethod
     def _one(rule: Rule, ts: float, cur: duckdb.DuckDBPyConnection) -> list[Sample]:
