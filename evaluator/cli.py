@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import structlog
 
 from evaluator import __version__
+from evaluator.admin.client import add_admin_arguments, client_from_args
 from evaluator.log import LEVELS, configure_logging
 
 # Keep the imports above light: importing numpy, grpc or pyarrow starts threads, and `serve` must block its
@@ -65,7 +66,7 @@ def _rule_parsers(sub: argparse._SubParsersAction) -> None:
                                    "rung is marked as where to start. Asks the running daemon's admin endpoint; when "
                                    "none answers, reads the DuckDB file (read-only).")
     p.add_argument("--dataset", metavar="NAME", help="one dataset (the series label data.dataset)")
-    p.add_argument("--admin", default="http://127.0.0.1:13133", metavar="URL", help="the daemon's admin address")
+    add_admin_arguments(p)
     p.add_argument("--db", default="./evaluator.duckdb", metavar="PATH", help="the file, when no daemon answers")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -94,10 +95,9 @@ def _rule_parsers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_ladder(args: argparse.Namespace) -> int:
     import json
-    import urllib.error
     import urllib.parse
-    import urllib.request
 
+    from evaluator.admin.client import AdminError, AdminUnavailable
     from evaluator.postmortem.ladder import DatasetLadder, Rung, build_ladder, render_table
     from evaluator.store.store import Store, StoreError, StoreSettings
 
@@ -106,11 +106,13 @@ def cmd_ladder(args: argparse.Namespace) -> int:
     query = "?" + urllib.parse.urlencode({"dataset": args.dataset}) if args.dataset else ""
     ladders: list[DatasetLadder] | None = None
     try:
-        with urllib.request.urlopen(args.admin.rstrip("/") + "/ladder" + query, timeout=5) as resp:
-            data = json.loads(resp.read())
+        data = client_from_args(args).get_json("/ladder" + query)
         ladders = [DatasetLadder(d["dataset"], [Rung(**r) for r in d["rungs"]], d["start_here"]) for d in data]
-    except (urllib.error.URLError, OSError):
+    except AdminUnavailable:
         pass  # no daemon answering: read the file
+    except (AdminError, ValueError) as exc:
+        print(f"otel-evaluator: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if ladders is None:
         store = Store(StoreSettings(path=args.db, read_only=True))
         try:

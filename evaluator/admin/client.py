@@ -1,0 +1,102 @@
+"""The client side of the admin endpoint, for the commands that ask a running daemon (ladder, sql, demo, export).
+
+A bearer token comes from --token-file or the OTEL_EVALUATOR_TOKEN variable; an https:// admin URL is verified
+against --cacert (or the system store), with --cert/--key for mTLS. AdminUnavailable means nothing answered, so
+the command may fall back to reading the DuckDB file; AdminError means the daemon answered and refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+TOKEN_ENV = "OTEL_EVALUATOR_TOKEN"
+DEFAULT_ADMIN = "http://127.0.0.1:13133"
+
+
+class AdminUnavailable(Exception):
+    """No daemon answered at the admin address (connection refused, unresolvable, timed out)."""
+
+
+class AdminError(Exception):
+    """The daemon answered with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AdminClient:
+    url: str = DEFAULT_ADMIN
+    token: str | None = None
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    timeout: float = 10.0
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float | None = None) -> tuple[bytes, str]:
+        """(body, content type) of a 2xx answer. Raises AdminUnavailable or AdminError."""
+        all_headers = dict(headers or {})
+        if self.token:
+            all_headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.url.rstrip("/") + path, data=body, method=method, headers=all_headers)
+        context = None
+        if self.url.startswith("https://"):
+            context = ssl.create_default_context(cafile=self.cacert)
+            if self.cert:
+                context.load_cert_chain(self.cert, self.key)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout, context=context) as resp:
+                return resp.read(), resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as exc:
+            raise AdminError(exc.code, exc.read().decode(errors="replace").strip()) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError):
+                raise AdminError(0, f"TLS failed: {reason}") from None
+            raise AdminUnavailable(f"no daemon answering at {self.url}: {reason}") from None
+
+    def get_json(self, path: str) -> Any:
+        body, _ = self.request("GET", path)
+        return json.loads(body)
+
+    def post_json(self, path: str, payload: Any, timeout: float | None = None) -> Any:
+        body, _ = self.request("POST", path, json.dumps(payload).encode(),
+                               {"Content-Type": "application/json"}, timeout=timeout)
+        return json.loads(body)
+
+
+def add_admin_arguments(parser: argparse.ArgumentParser) -> None:
+    """--admin, --token-file, --cacert, --cert, --key: how a command reaches the running daemon."""
+    parser.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL",
+                        help=f"the daemon's admin address (default {DEFAULT_ADMIN})")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"file holding the bearer token (default: the {TOKEN_ENV} variable, if set)")
+    parser.add_argument("--cacert", metavar="FILE", help="CA certificate to verify an https:// admin address")
+    parser.add_argument("--cert", metavar="FILE", help="client certificate, when the admin server requires mTLS")
+    parser.add_argument("--key", metavar="FILE", help="the client certificate's private key")
+
+
+def client_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> AdminClient:
+    """Raises ValueError when the token file cannot be read or is empty."""
+    environ = os.environ if env is None else env
+    token = environ.get(TOKEN_ENV) or None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f if ln.strip()]
+        except OSError as exc:
+            raise ValueError(f"--token-file: cannot read {args.token_file}: {exc.strerror}") from None
+        if not lines:
+            raise ValueError(f"--token-file: {args.token_file} holds no token")
+        token = lines[0]
+    return AdminClient(args.admin, token=token, cacert=args.cacert, cert=args.cert, key=args.key)
