@@ -2,20 +2,30 @@
 
 Why not a framework: two plain endpoints each, and we need exact control over body limits, keep-alive and a
 graceful stop (finish requests in flight, close idle keep-alive connections) more than routing features.
+
+TLS (optional) is negotiated in each connection's own thread, never in the accept loop, so a slow or broken
+client cannot hold up the others. Bearer-token auth (optional) is checked here, before any route, for every
+path but `open_paths`: a route added later is protected without doing anything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
+
+from evaluator.security.auth import Authenticator
+from evaluator.security.tls import HANDSHAKE_TIMEOUT_SECONDS, ServerTls, TlsSettings
+from evaluator.telemetry import Telemetry
 
 
 class BodyTooLarge(Exception):
@@ -48,6 +58,9 @@ class Response:
 
 
 Route = Callable[[Request], Response]
+DISCARD_BODY_BYTES = 64 * 1024
+LINGER_SECONDS = 1.0
+Unauthorized = Callable[[Request, str], Response]  # (request, message) -> the 401 answer, in the route's format
 
 
 def text(status: int, message: str, **headers: str) -> Response:
@@ -130,7 +143,12 @@ class _Handler(BaseHTTPRequestHandler):
             response = text(500, f"internal error: {type(exc).__name__}")
         if not self.body_read and (self.headers.get("Content-Length") not in (None, "0")
                                    or self.headers.get("Transfer-Encoding")):
-            self.close_connection = True  # the route did not read the body: do not parse it as a request
+            # The route did not read the body (a 401, 404, 405): a small one is read and dropped so the connection
+            # stays usable and closing it cannot reset the answer away; a large one closes the connection.
+            try:
+                self.read_body(DISCARD_BODY_BYTES)
+            except (BodyTooLarge, BadRequest, OSError):
+                self.close_connection = True
         if self.server.closing:
             self.close_connection = True
         try:
@@ -179,15 +197,49 @@ class _Server(ThreadingHTTPServer):
         with self._conn_lock:
             return len(self._conns)
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: the TLS handshake (when configured), then the HTTP exchanges."""
+        tls = self.owner.tls
+        if tls is None:
+            super().finish_request(request, client_address)
+            return
+        try:
+            request.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
+            conn = tls.context().wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            return  # the client went away before we started
+        try:
+            try:
+                conn.do_handshake()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; a timeout too
+                self.owner.handshake_failed(client_address, exc)
+                return
+            super().finish_request(conn, client_address)
+        finally:
+            _linger_close(conn)
+
+    def shutdown_request(self, request: Any) -> None:
+        _linger_close(request)  # a plain connection; a TLS one was closed in finish_request (this one is detached)
+
     def handle(self, handler: _Handler) -> Response:
         if self.connection_count() > self.owner.max_connections:
             handler.close_connection = True
             return text(503, "too many connections; retry later", **{"Retry-After": "1"})
         split = urlsplit(handler.path)
-        route = self.owner.routes.get(split.path)
+        request = Request(handler.command, split.path, parse_qs(split.query), handler.headers, handler)
+        owner = self.owner
+        if owner.auth is not None and split.path not in owner.open_paths:
+            reason = owner.auth.check(handler.headers.get("Authorization"), owner.label,
+                                      peer=str(handler.client_address[0]))
+            if reason is not None:
+                message = f"bearer token {reason}: send the header 'Authorization: Bearer <token>'"
+                response = owner.unauthorized(request, message) if owner.unauthorized else text(401, message)
+                response.headers.setdefault("WWW-Authenticate", 'Bearer realm="otel-evaluator"'
+                                            + ("" if reason == "missing" else ', error="invalid_token"'))
+                return response
+        route = owner.routes.get(split.path)
         if route is None:
             return text(404, f"no such path {split.path}")
-        request = Request(handler.command, split.path, parse_qs(split.query), handler.headers, handler)
         return route(request)
 
     def close_idle(self, wait: float) -> None:
@@ -200,6 +252,20 @@ class _Server(ThreadingHTTPServer):
             self._idle.wait_for(lambda: not self._conns, timeout=wait)
 
 
+def _linger_close(sock: socket.socket) -> None:
+    """Send FIN, then drop what the client still sends (briefly) before closing: closing with unread bytes makes
+    the kernel answer RST, which can destroy the answer the client has not read yet."""
+    with contextlib.suppress(OSError, ValueError):
+        sock.shutdown(socket.SHUT_WR)  # an SSLSocket drops its TLS state here and becomes a plain socket
+        deadline = time.monotonic() + LINGER_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                break
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
 class HttpServer:
     def __init__(
         self,
@@ -209,12 +275,30 @@ class HttpServer:
         *,
         max_connections: int = 64,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        tls: TlsSettings | None = None,
+        auth: Authenticator | None = None,
+        open_paths: Iterable[str] = (),
+        unauthorized: Unauthorized | None = None,
+        telemetry: Telemetry | None = None,
+        label: str | None = None,
     ) -> None:
+        """tls: serve HTTPS (mTLS with client_ca_file). auth: require a bearer token on every path but
+        open_paths; unauthorized(request, message) makes the 401 body (default text). label: the `server` label
+        of the auth and TLS counters (default: name). start() raises OSError for unusable TLS files."""
         self.name = name
+        self.label = label or name
         self.listen = listen
         self.routes = routes
         self.max_connections = max_connections
         self.log = log or structlog.get_logger(name)
+        self.tls_settings = tls
+        self.tls: ServerTls | None = None  # made at start (an unusable file is a start-up failure, an OSError)
+        self.auth = auth
+        self.open_paths = frozenset(open_paths)
+        self.unauthorized = unauthorized
+        self.handshake_failures = (telemetry or Telemetry()).counter(
+            "tls_handshake_failures_total", "TLS handshakes that failed (plain-text client, untrusted or missing "
+            "client certificate, timeout).", ("server",))
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -225,6 +309,11 @@ class HttpServer:
             if self._server is not None:
                 return
             host, port = split_hostport(self.listen)
+            if self.tls_settings is not None and self.tls is None:
+                try:
+                    self.tls = ServerTls(self.tls_settings, self.name, log=self.log)
+                except OSError as exc:  # ssl.SSLError included
+                    raise OSError(f"cannot use the TLS files of {self.name}: {exc}") from None
             try:
                 server = _Server((host, port), self)
             except OSError as exc:
@@ -234,7 +323,14 @@ class HttpServer:
                                       name=f"{self.name}-http", daemon=True)
             thread.start()
             self._server, self._thread = server, thread
-            self.log.info(f"{self.name} listening", address=host, port=self.port)
+            self.log.info(f"{self.name} listening", address=host, port=self.port,
+                          tls="mtls" if self.tls and self.tls.settings.client_ca_file else bool(self.tls),
+                          auth=self.auth is not None)
+
+    def handshake_failed(self, client_address: Any, exc: BaseException) -> None:
+        self.handshake_failures.inc(server=self.label)
+        why = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
+        self.log.debug("tls handshake failed", peer=str(client_address[0]), error=str(why))
 
     def shutdown(self, grace: float = 10.0) -> None:
         """Stop accepting, finish requests in flight (up to `grace` s), close keep-alive connections."""

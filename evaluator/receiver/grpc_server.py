@@ -22,6 +22,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from evaluator.receiver.errors import Refused
 from evaluator.receiver.ingest import Ingestor
+from evaluator.security.auth import Authenticator, GrpcAuthInterceptor
+from evaluator.security.tls import GrpcTls, TlsSettings
 
 TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 RETRY_INFO_TRAILER = "google.rpc.retryinfo-bin"
@@ -34,6 +36,7 @@ class GrpcSettings:
     max_workers: int = 16
     max_concurrent_streams: int = 100  # per connection
     max_receive_bytes: int = 64 * 1024 * 1024
+    tls: TlsSettings | None = None
 
 
 class _Status(NamedTuple):
@@ -69,10 +72,15 @@ class GrpcReceiver:
         ingestor: Ingestor,
         settings: GrpcSettings,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        *,
+        auth: Authenticator | None = None,
     ) -> None:
+        """auth: require a bearer token in the `authorization` metadata of every call but health checks."""
         self._ingestor = ingestor
         self.settings = settings
+        self._auth = auth
         self._log = log or structlog.get_logger("grpc")
+        self.tls = GrpcTls(settings.tls, log=self._log) if settings.tls is not None else None
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
         self._lock = threading.Lock()
@@ -110,6 +118,7 @@ class GrpcReceiver:
             server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=s.max_workers, thread_name_prefix="otlp-grpc"),
                 options=options,
+                interceptors=[GrpcAuthInterceptor(self._auth)] if self._auth is not None else None,
             )
             handler = grpc.method_handlers_generic_handler(TRACE_SERVICE, {
                 "Export": grpc.unary_unary_rpc_method_handler(self._export),
@@ -123,7 +132,10 @@ class GrpcReceiver:
                 server,
             )
             try:
-                port = server.add_insecure_port(s.listen)
+                if self.tls is not None:
+                    port = server.add_secure_port(s.listen, self.tls.credentials())
+                else:
+                    port = server.add_insecure_port(s.listen)
             except RuntimeError as exc:
                 raise OSError(f"cannot listen for OTLP/gRPC on {s.listen}: {exc}") from None
             if not port:
@@ -132,7 +144,8 @@ class GrpcReceiver:
             for name in ("", TRACE_SERVICE):
                 health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             self._server, self._health, self.port = server, health_servicer, port
-            self._log.info("otlp grpc receiver listening", address=s.listen.rsplit(":", 1)[0], port=port)
+            self._log.info("otlp grpc receiver listening", address=s.listen.rsplit(":", 1)[0], port=port,
+                           tls="mtls" if s.tls and s.tls.client_ca_file else bool(s.tls), auth=self._auth is not None)
 
     def stop_accepting(self) -> None:
         """Tell health checkers we are going away (before the grace period of shutdown)."""

@@ -20,6 +20,9 @@ from evaluator.receiver.decode import DecodeError
 from evaluator.receiver.errors import Refusal, Refused
 from evaluator.receiver.ingest import Ingestor
 from evaluator.receiver.otlp_json import parse_json_request
+from evaluator.security.auth import Authenticator
+from evaluator.security.tls import TlsSettings
+from evaluator.telemetry import Telemetry
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -29,6 +32,7 @@ JSON = "application/json"
 class HttpSettings:
     listen: str = "127.0.0.1:4318"
     max_connections: int = 64
+    tls: TlsSettings | None = None
 
 
 def gunzip_limited(data: bytes, limit: int) -> bytes:
@@ -51,11 +55,16 @@ class HttpReceiver:
         ingestor: Ingestor,
         settings: HttpSettings,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        *,
+        auth: Authenticator | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        """auth: require a bearer token (401 with a google.rpc.Status body otherwise)."""
         self._ingestor = ingestor
         self.settings = settings
         self.server = HttpServer("otlp http receiver", settings.listen, {"/v1/traces": self._traces},
-                                 max_connections=settings.max_connections, log=log)
+                                 max_connections=settings.max_connections, log=log, tls=settings.tls, auth=auth,
+                                 unauthorized=_unauthorized, telemetry=telemetry, label="http")
 
     @property
     def port(self) -> int | None:
@@ -113,6 +122,12 @@ class HttpReceiver:
         if as_json:
             return Response(200, json_format.MessageToJson(response, indent=None).encode(), JSON)
         return Response(200, response.SerializeToString(), PROTOBUF)
+
+
+def _unauthorized(request: Request, message: str) -> Response:
+    """401 with a google.rpc.Status (UNAUTHENTICATED) in the request's content type, as for other failures."""
+    media = (request.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+    return _status_response(401, message, media == JSON, code=16)
 
 
 def _status_response(http_status: int, message: str, as_json: bool, headers: dict[str, str] | None = None,
