@@ -130,6 +130,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent client connections (default 4)")
     parser.add_argument("--gzip", action="store_true", help="gzip-compress requests, as Collectors do")
     parser.add_argument("--db", help="DuckDB file (default: a temp dir)")
+    parser.add_argument("--config", help="a config file for the daemon (e.g. to compare receivers.limits off)")
     args = parser.parse_args()
 
     from evaluator.testing import DaemonProcess
@@ -138,7 +139,8 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="bench-ingest-")
     db = args.db or os.path.join(workdir, "bench.duckdb")
     daemon = DaemonProcess(["--db", db, "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-                            "--admin-listen", "127.0.0.1:0"]).start()
+                            "--admin-listen", "127.0.0.1:0", *(["--config", args.config] if args.config else [])
+                            ]).start()
     assert daemon.proc is not None
     pid = daemon.proc.pid
     parent, child = mp.Pipe()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from spans import request, span
 from evaluator.daemon import Daemon
 from evaluator.testing import DaemonProcess, daemon_process, loopback_config
 
+# Spans are stamped now: a daemon on the system clock deletes spans older than its retention (35 days) at start.
+NOW = time.time_ns()
 PORTS = ["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
 
 pytestmark = pytest.mark.slow
@@ -46,7 +49,7 @@ def test_sigkill_right_after_ack_loses_no_acknowledged_span(tmp_path: Path) -> N
                 sid = (worker << 32 | i + 1).to_bytes(8, "big")
                 try:
                     _export(proc.grpc_endpoint, request(*[
-                        span(attrs={"data.row_count": i, "data.worker": worker},
+                        span(attrs={"data.row_count": i, "data.worker": worker}, start=NOW,
                              span_id=(int.from_bytes(sid, "big") * 100 + j).to_bytes(8, "big"))
                         for j in range(50)]))
                 except grpc.RpcError:
@@ -78,7 +81,7 @@ def test_sigterm_stops_gracefully_and_checkpoints(tmp_path: Path) -> None:
     """SIGTERM: exit 0, everything committed and checkpointed into the file (no WAL left)."""
     db = tmp_path / "ev.duckdb"
     with daemon_process(["--db", str(db), *PORTS]) as proc:
-        _export(proc.grpc_endpoint, request(*[span(attrs={"data.row_count": i}) for i in range(10)]))
+        _export(proc.grpc_endpoint, request(*[span(attrs={"data.row_count": i}, start=NOW) for i in range(10)]))
         assert proc.stop(signal.SIGTERM) == 0
     assert any("otel-evaluator stopped" in line for line in proc.lines)
     assert not (tmp_path / "ev.duckdb.wal").exists() or (tmp_path / "ev.duckdb.wal").stat().st_size == 0
@@ -125,6 +128,16 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert "cannot read file" in result.stderr
 
 
+def test_invalid_exporter_environment_exits_2(tmp_path: Path) -> None:
+    """The OTEL_EXPORTER_OTLP_* variables are checked when the daemon is built: a bad one is a usage error."""
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}
+    result = subprocess.run([sys.executable, "-m", "evaluator", "serve", *PORTS], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "invalid configuration" in result.stderr and "OTEL_EXPORTER_OTLP_PROTOCOL" in result.stderr
+    assert not (tmp_path / "evaluator.duckdb").exists()
+
+
 def test_port_in_use_fails_start_up_with_exit_3(tmp_path: Path) -> None:
     """A busy port is a clear start-up error (exit 3), not a second daemon silently sharing it."""
     with socket.socket() as busy:
@@ -151,7 +164,8 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     )
     with daemon_process(["--config", str(cfg)], cwd=str(tmp_path)) as proc:
         assert "http" not in proc.ports
-        _export(proc.grpc_endpoint, request(span(attrs={"pipeline.rows": 1}), span(attrs={"data.rows": 1})))
+        _export(proc.grpc_endpoint, request(span(attrs={"pipeline.rows": 1}, start=NOW),
+                                            span(attrs={"data.rows": 1}, start=NOW)))
         with urllib.request.urlopen(proc.admin_url + "/readyz", timeout=5) as resp:
             assert resp.status == 200
         assert proc.stop() == 0
@@ -186,7 +200,7 @@ def test_start_stop_start_leaves_no_threads(tmp_path: Path, thread_guard: None) 
     for round_ in range(2):
         daemon.start()
         endpoint = f"127.0.0.1:{daemon.grpc.port if daemon.grpc else 0}"
-        _export(endpoint, request(span(attrs={"data.round": round_})))
+        _export(endpoint, request(span(attrs={"data.round": round_}, start=NOW)))
         daemon.shutdown()
         daemon.shutdown()
     daemon.start()

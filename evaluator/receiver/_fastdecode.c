@@ -6,8 +6,8 @@
  * exactly (evaluator/receiver/decode.py and columns.py are the reference). Two phases:
  *
  *  1. validate(): walks the whole message with the OTLP schema (SCHEMA below) and accepts exactly what upb
- *     accepts: tags of at most 5 bytes, varints of at most 10 bytes, lengths below INT32_MAX and inside the
- *     enclosing message, no field number 0 (except inside unknown groups), no wire types 6/7, no stray
+ *     accepts: tags of at most 5 bytes, varints of at most 10 bytes, lengths of at most 5 bytes below INT32_MAX
+ *     and inside the enclosing message, no field number 0 (except inside unknown groups), no wire types 6/7, no stray
  *     end-group, unknown groups well nested, at most 100 levels of nesting, valid UTF-8 in every `string` field
  *     (also in the parts that are not decoded: events, links, scope, entity refs, unknown-type nesting).
  *  2. extraction: walks the (now valid) bytes again with the protobuf merge rules: a known field with the wrong
@@ -159,7 +159,7 @@ rd_len(const uint8_t **pp, const uint8_t *end, size_t *out)
     if (p < end && !(*p & 0x80)) {
         n = *p++;
     }
-    else if (rd_varint(&p, end, &n) < 0) {
+    else if (rd_varint(&p, end, &n) < 0 || p - *pp > 5) { /* upb reads a length in at most 5 bytes */
         return E_MALFORMED;
     }
     if (n >= INT32_MAX || n > (uint64_t)(end - p)) return E_MALFORMED;

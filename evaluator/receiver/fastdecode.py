@@ -50,7 +50,11 @@ def decode_bytes(data: bytes, prefixes: tuple[str, ...] | None) -> Decoded:
     """Decode a serialized ExportTraceServiceRequest; raises DecodeError if it is not one."""
     if _c is None:
         return decode_bytes_python(data, prefixes)
-    tables, received, dropped, rejected, reasons = _c.decode(data, prefixes, _resource_from_bytes, _value_from_bytes)
+    try:
+        tables, received, dropped, rejected, reasons = _c.decode(data, prefixes, _resource_from_bytes,
+                                                                 _value_from_bytes)
+    except ProtobufDecodeError as exc:  # from a helper below, on a sub-message only upb refuses (found by fuzzing)
+        raise DecodeError(str(exc) or "malformed protobuf") from None
     spans, numbers, strings, arrays = (_table(schema, empty, columns)
                                        for (schema, empty), columns in zip(_TABLES, tables, strict=True))
     return Decoded(SpanColumns(spans, numbers, strings, arrays), received, dropped, rejected, reasons)

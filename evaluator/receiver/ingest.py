@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -19,6 +19,7 @@ from evaluator.receiver.columns import Decoded
 from evaluator.receiver.decode import DecodeError
 from evaluator.receiver.errors import Refusal, Refused
 from evaluator.receiver.fastdecode import decode_bytes, decode_message
+from evaluator.receiver.limits import SpanLimits, apply_limits
 from evaluator.store.writer import SpanWriter, WriterClosed
 from evaluator.telemetry import Telemetry
 
@@ -30,6 +31,7 @@ class IngestSettings:
     inflight_bytes: int = 128 * 1024 * 1024  # wire bytes admitted and not yet committed
     retry_after_seconds: float = 1.0
     commit_timeout_seconds: float = 30.0
+    limits: SpanLimits = field(default_factory=SpanLimits)  # per span: attributes, value lengths
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,14 @@ class Ingestor:
         self._dropped = telemetry.counter(
             "spans_dropped_total", "Spans not stored because they carry no signal attribute.", ("reason",))
         self._rejected = telemetry.counter(
-            "spans_rejected_total", "Invalid spans refused individually (partial_success).", ("transport",))
+            "spans_rejected_total", "Spans refused individually (partial_success): invalid, or over a per-span "
+            "limit with action reject.", ("transport",))
+        self._truncated = telemetry.counter(
+            "attributes_truncated_total", "Attributes not stored (too_many_attributes) or values cut "
+            "(value_too_long) by the per-span limits (action truncate).", ("reason",))
+        self._rejected_limit = telemetry.counter(
+            "spans_rejected_over_limit_total", "Spans refused by the per-span limits (action reject), by reason; "
+            "also counted in spans_rejected_total.", ("reason",))
         self._refused = telemetry.counter(
             "requests_refused_total", "Whole requests refused, by reason.", ("transport", "reason"))
         self._refused_spans = telemetry.counter(
@@ -95,12 +104,14 @@ class Ingestor:
     def export_protobuf(self, data: bytes, transport: str) -> IngestResult:
         """A serialized ExportTraceServiceRequest (already decompressed)."""
         self._check_size(len(data), transport)
-        return self._admitted(len(data), transport, lambda: decode_bytes(data, self.settings.keep_prefixes))
+        return self._admitted(len(data), transport, lambda: decode_bytes(data, self.settings.keep_prefixes),
+                              lambda: ExportTraceServiceRequest.FromString(data))
 
     def export_message(self, request: ExportTraceServiceRequest, size: int, transport: str) -> IngestResult:
         """An already parsed request (the OTLP/JSON path); size is the body size for the byte budget."""
         self._check_size(size, transport)
-        return self._admitted(size, transport, lambda: decode_message(request, self.settings.keep_prefixes))
+        return self._admitted(size, transport, lambda: decode_message(request, self.settings.keep_prefixes),
+                              lambda: request)
 
     def refuse(self, kind: Refusal, message: str, transport: str) -> Refused:
         """Count a refusal decided by a transport (e.g. an unsupported content type) and return it to raise."""
@@ -108,13 +119,24 @@ class Ingestor:
         return Refused(kind, message, self.settings.retry_after_seconds if kind.retryable else None)
 
     # -- internals -------------------------------------------------------------------------------------------
+    def _limit(self, result: Decoded, wire: Callable[[], ExportTraceServiceRequest]) -> Decoded:
+        outcome = apply_limits(result, self.settings.limits, wire)
+        if outcome.dropped_attributes:
+            self._truncated.inc(outcome.dropped_attributes, reason="too_many_attributes")
+        if outcome.cut_values:
+            self._truncated.inc(outcome.cut_values, reason="value_too_long")
+        for reason, n in outcome.rejected.items():
+            self._rejected_limit.inc(n, reason=reason)
+        return outcome.decoded
+
     def _check_size(self, size: int, transport: str) -> None:
         limit = self.settings.max_request_bytes
         if size > limit:
             raise self.refuse(Refusal.TOO_LARGE, f"request is {size} bytes, over the limit of {limit} bytes",
                               transport)
 
-    def _admitted(self, size: int, transport: str, decode: Callable[[], Decoded]) -> IngestResult:
+    def _admitted(self, size: int, transport: str, decode: Callable[[], Decoded],
+                  wire: Callable[[], ExportTraceServiceRequest]) -> IngestResult:
         if not self.budget.try_acquire(size):
             raise self.refuse(
                 Refusal.OVERLOADED,
@@ -127,6 +149,7 @@ class Ingestor:
             except DecodeError as exc:
                 raise self.refuse(Refusal.UNDECODABLE, f"cannot decode ExportTraceServiceRequest: {exc}",
                                   transport) from None
+            result = self._limit(result, wire)
             if len(result.columns):
                 columns = result.columns
                 try:

@@ -64,7 +64,9 @@ def parse_json_request(body: bytes) -> ExportTraceServiceRequest:
     """Raises DecodeError with a message a user can act on."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:  # found by tests/test_fuzz_decoders.py: thousands of nested [ or {
+        raise DecodeError("body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and an integer of over 4300 digits
         raise DecodeError(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise DecodeError("body must be a JSON object with a resourceSpans list")
@@ -87,6 +89,9 @@ def parse_json_request(body: bytes) -> ExportTraceServiceRequest:
     request = ExportTraceServiceRequest()
     try:
         json_format.ParseDict(data, request, ignore_unknown_fields=True)
-    except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+    except (json_format.ParseError, ValueError, TypeError, RecursionError, OverflowError) as exc:  # 1e400: inf
         raise DecodeError(f"body is not an OTLP/JSON ExportTraceServiceRequest: {exc}") from None
+    except SystemError as exc:  # upb looking up a key with an unpaired surrogate (\ud800): found by fuzzing
+        why = "a key is not valid Unicode" if isinstance(exc.__context__, UnicodeError) else str(exc)
+        raise DecodeError(f"body is not an OTLP/JSON ExportTraceServiceRequest: {why}") from None
     return request

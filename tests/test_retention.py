@@ -1,0 +1,231 @@
+"""Retention: old spans and exactly their attribute rows go, alert history is kept longer, state is never touched."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+import yaml
+from conftest import RunningDaemon
+from spans import request, span
+
+from evaluator.config import load_config
+from evaluator.daemon import Daemon
+from evaluator.receiver.fastdecode import decode_bytes
+from evaluator.store.retention import DAY, RetentionSettings, RetentionWorker, database_free_bytes
+from evaluator.store.store import Store, StoreSettings
+from evaluator.store.writer import SpanWriter
+from evaluator.telemetry import Telemetry
+from evaluator.testing import FakeClock, loopback_config, wait_for
+from evaluator.yamlsrc import InvalidConfig
+
+NOW = 1_770_000_000.0  # the fake clock's "now", seconds
+US = 1_000_000
+SPAN_KEEP = 35 * DAY
+CUTOFF_US = int((NOW - SPAN_KEEP) * US)  # spans ending strictly before this are deleted
+
+# end times (µs) around the cutoff: strictly before it goes, at it or after it stays
+OLD_ENDS = (CUTOFF_US - 100 * 86_400 * US, CUTOFF_US - 1)
+KEPT_ENDS = (CUTOFF_US, CUTOFF_US + 1, int(NOW * US))
+ATTRS: dict[str, Any] = {"data.row_count": 7, "data.dataset": "payments", "data.bounds": [1.0, 2.0],
+                         "data.tags": ["a", "b"], "flag": True}
+
+ATTR_TABLES = ("span_numbers", "span_strings", "span_arrays")
+ALL_TABLES = ("spans", *ATTR_TABLES, "alerts", "quality_values", "alert_state", "frozen_baselines", "rule_health",
+              "outbox")
+
+
+def _store_spans(store: Store, ends_us: tuple[int, ...]) -> None:
+    writer = SpanWriter(store, Telemetry())
+    writer.start()
+    try:
+        spans = [span(attrs=ATTRS, start=e * 1000 - 1000, end=e * 1000) for e in ends_us]
+        decoded = decode_bytes(request(*spans).SerializeToString(), ("data.",))
+        assert len(decoded.columns) == len(ends_us)
+        writer.submit(decoded.columns, int(NOW * US)).result(timeout=30)
+    finally:
+        writer.shutdown()
+
+
+def _store_alert_history(cur: duckdb.DuckDBPyConnection, evaluated_us: list[int]) -> None:
+    for i, at in enumerate(evaluated_us):
+        ts = f"make_timestamp({at}::BIGINT)"
+        cur.execute(f"INSERT INTO alerts (evaluated_at, rule_id, alert_name, group_name, kind, rung, owner, severity, "
+                    f"series, from_state, state, consecutive_violations) VALUES ({ts}, 'r{i}', 'A', 'g', 'threshold', "
+                    f"'freshness', 'team', 'page', '{{}}', 'inactive', 'firing', 1)")
+        cur.execute(f"INSERT INTO quality_values VALUES ('r{i}', '{{}}', {ts}, {ts}, {ts}, 'auc', 0.9, 10, 5, 0.5, "
+                    f"NULL)")
+        # current state and pending outputs: never deleted, however old
+        cur.execute(f"INSERT INTO alert_state (rule_id, fingerprint, series, state, consecutive_violations, "
+                    f"active_at) VALUES ('r{i}', 'f', '{{}}', 'firing', 1, {ts})")
+        cur.execute(f"INSERT INTO frozen_baselines VALUES ('r{i}', 'f', '{{}}', {ts}, {ts}, {ts}, [1.0], NULL, "
+                    f"[1.0], 3)")
+        cur.execute(f"INSERT INTO rule_health VALUES ('r{i}', 'g', 'A', 'threshold', 'ok', NULL, {ts}, 0.1)")
+        cur.execute(f"INSERT INTO outbox (created_at, destination, payload, items, next_attempt_at) "
+                    f"VALUES ({ts}, 'traces', 'x'::BLOB, 1, {ts})")
+
+
+def _rows(cur: duckdb.DuckDBPyConnection, table: str) -> set[tuple[Any, ...]]:
+    rows = cur.execute(f"SELECT * FROM {table}").fetchall()
+    return {tuple(str(v) for v in r) for r in rows}
+
+
+def _epoch_us(cur: duckdb.DuckDBPyConnection, table: str, column: str) -> list[int]:
+    return sorted(r[0] for r in cur.execute(f"SELECT epoch_us({column}) FROM {table}").fetchall())
+
+
+@pytest.fixture
+def file_store(tmp_path: Path) -> Any:
+    store = Store(StoreSettings(str(tmp_path / "ev.duckdb")))
+    store.start()
+    yield store
+    store.shutdown()
+
+
+def test_one_run_deletes_exactly_the_old_spans_and_their_attributes(file_store: Store) -> None:
+    _store_spans(file_store, OLD_ENDS + KEPT_ENDS)
+    cur = file_store.cursor()
+    alert_keep = 400 * DAY
+    alert_times = [int((NOW - alert_keep) * US) - 1,  # older than the alert retention: deleted
+                   int((NOW - alert_keep) * US),  # exactly at the alert cutoff: kept
+                   int((NOW - 36 * DAY) * US)]  # older than the span retention, newer than the alert one: kept
+    _store_alert_history(cur, alert_times)
+    before = {t: _rows(cur, t) for t in ALL_TABLES}
+    old_keys = {r[0] for r in cur.execute(
+        f"SELECT span_key FROM spans WHERE epoch_us(end_time) < {CUTOFF_US}").fetchall()}
+    assert len(old_keys) == len(OLD_ENDS)
+    expected_attr_rows = {t: {r for r in before[t] if int(r[0]) not in old_keys} for t in ATTR_TABLES}
+    for t in ATTR_TABLES:  # every old span has rows in every attribute table, so each table really loses some
+        assert expected_attr_rows[t] < before[t]
+
+    tel = Telemetry()
+    worker = RetentionWorker(file_store, tel, FakeClock(NOW), RetentionSettings())
+    deleted = worker.run_once()
+
+    after = {t: _rows(cur, t) for t in ALL_TABLES}
+    assert _epoch_us(cur, "spans", "end_time") == sorted(KEPT_ENDS)  # the boundary span is kept
+    assert after["spans"] == {r for r in before["spans"] if int(r[0]) not in old_keys}
+    for t in ATTR_TABLES:
+        assert after[t] == expected_attr_rows[t], t
+    assert _epoch_us(cur, "alerts", "evaluated_at") == sorted(alert_times[1:])
+    assert _epoch_us(cur, "quality_values", "evaluated_at") == sorted(alert_times[1:])
+    for t in ("alert_state", "frozen_baselines", "rule_health", "outbox"):
+        assert after[t] == before[t], t
+    assert deleted == {"spans": 2, "span_numbers": 4, "span_strings": 2, "span_arrays": 4, "alerts": 1,
+                       "quality_values": 1}
+    for t, n in deleted.items():
+        assert tel.get("retention_deleted_rows_total").value(table=t) == n
+    assert tel.get("retention_runs_total").total() == 1
+    assert tel.get("retention_last_run_timestamp_seconds").total() == NOW
+    # checkpointed: the WAL is folded into the file
+    wal = file_store.settings.path + ".wal"
+    assert not os.path.exists(wal) or os.path.getsize(wal) < 4096
+    assert database_free_bytes(cur) >= 0
+
+    # a second run finds nothing more to delete
+    assert set(worker.run_once().values()) == {0}
+    cur.close()
+
+
+def test_freed_space_is_reused(tmp_path: Path) -> None:
+    store = Store(StoreSettings(str(tmp_path / "ev.duckdb")))
+    store.start()
+    try:
+        cur = store.cursor()
+        old = CUTOFF_US - 86_400 * US
+        cur.execute(f"INSERT INTO span_strings SELECT i, make_timestamp({old}::BIGINT), 'data.k', "
+                    f"repeat(md5(i::VARCHAR), 8) FROM range(300000) t(i)")
+        cur.execute("CHECKPOINT")
+        size_full = os.path.getsize(store.settings.path)
+        free_before = database_free_bytes(cur)
+        RetentionWorker(store, Telemetry(), FakeClock(NOW), RetentionSettings()).run_once()
+        assert cur.execute("SELECT count(*) FROM span_strings").fetchone() == (0,)
+        assert database_free_bytes(cur) > free_before  # the deleted rows' blocks are free now
+        new = int(NOW * US)
+        cur.execute(f"INSERT INTO span_strings SELECT i, make_timestamp({new}::BIGINT), 'data.k', "
+                    f"repeat(md5(i::VARCHAR), 8) FROM range(300000) t(i)")
+        cur.execute("CHECKPOINT")
+        assert os.path.getsize(store.settings.path) <= size_full * 1.2  # reused, not appended
+        cur.close()
+    finally:
+        store.shutdown()
+
+
+def test_disabled_retention_deletes_nothing(file_store: Store, thread_guard: None) -> None:
+    _store_spans(file_store, OLD_ENDS + KEPT_ENDS)
+    cur = file_store.cursor()
+    before = {t: _rows(cur, t) for t in ALL_TABLES}
+    off = RetentionSettings(spans_seconds=None, alerts_seconds=None)
+    assert not off.enabled
+    assert RetentionWorker(file_store, Telemetry(), FakeClock(NOW), off).run_once() == {}
+    never = RetentionWorker(file_store, Telemetry(), FakeClock(NOW), RetentionSettings(interval_seconds=None))
+    never.start()  # no thread at all
+    never.shutdown()
+    assert {t: _rows(cur, t) for t in ALL_TABLES} == before
+    # spans off, alerts on: only the alert history is judged
+    _store_alert_history(cur, [int((NOW - 500 * DAY) * US)])
+    deleted = RetentionWorker(file_store, Telemetry(), FakeClock(NOW),
+                              RetentionSettings(spans_seconds=None)).run_once()
+    assert deleted == {"alerts": 1, "quality_values": 1}
+    assert _rows(cur, "spans") == before["spans"]
+    cur.close()
+
+
+def test_daemon_runs_retention_on_its_interval(tmp_path: Path) -> None:
+    clock = FakeClock(NOW)
+    cfg = loopback_config(tmp_path / "ev.duckdb", retention=RetentionSettings(interval_seconds=0.05))
+    daemon = Daemon(cfg, clock=clock)
+    daemon.start()
+    try:
+        running = RunningDaemon(daemon)
+        tel = daemon.telemetry
+        now_ns = int(NOW * 1e9)
+        recent = span(attrs={"data.n": 1}, start=now_ns - 2 * 86_400 * 10**9, end=now_ns - 86_400 * 10**9)
+        ancient = span(attrs={"data.n": 2}, start=now_ns - 41 * 86_400 * 10**9, end=now_ns - 40 * 86_400 * 10**9)
+        running.export(request(recent, ancient))
+        wait_for(lambda: running.sql("SELECT count(*) FROM span_numbers")[0][0] == 1)
+        assert running.sql("SELECT value FROM span_numbers") == [(1.0,)]
+        runs = tel.get("retention_runs_total").total()
+        wait_for(lambda: tel.get("retention_runs_total").total() >= runs + 3)  # it keeps running
+        clock.advance(34 * DAY)  # the recent span is now 35 days old: exactly at the cutoff, kept
+        wait_for(lambda: tel.get("retention_runs_total").total() >= runs + 6)
+        assert running.sql("SELECT count(*) FROM spans") == [(1,)]
+        clock.advance(1)  # one second past
+        wait_for(lambda: running.sql("SELECT count(*) FROM spans") == [(0,)])
+        # counted once the run (and its checkpoint) is done, a moment after the rows are gone
+        wait_for(lambda: tel.get("retention_deleted_rows_total").value(table="spans") == 2)
+        assert tel.get("retention_failures_total").total() == 0
+        text = tel.render_prometheus()
+        assert "otel_evaluator_store_free_bytes " in text
+        assert "otel_evaluator_retention_last_run_duration_seconds " in text
+    finally:
+        daemon.shutdown()
+    assert daemon.retention._thread is None
+
+
+def test_retention_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    assert load_config(None).retention == RetentionSettings(35 * DAY, 400 * DAY, 3600.0)
+    path.write_text("store:\n  retention:\n    spans: 14d\n    alerts: off\n    interval: 10m\n")
+    assert load_config(str(path)).retention == RetentionSettings(14 * DAY, None, 600.0)
+    path.write_text("store:\n  retention:\n    spans: 0\n    interval: \"off\"\n")
+    cfg = load_config(str(path)).retention
+    assert cfg == RetentionSettings(None, 400 * DAY, None) and not cfg.enabled
+    path.write_text("store:\n  retention:\n    spans: forever\n    alerts: -1d\n    interval: 12\n    keep: 1\n")
+    with pytest.raises(InvalidConfig) as err:
+        load_config(str(path))
+    text = str(err.value)
+    for line, key in ((3, "store.retention.spans"), (4, "store.retention.alerts"), (5, "store.retention.interval"),
+                      (6, "store.retention.keep")):
+        assert f"{path}:{line}: {key}:" in text, text
+
+
+def test_documented_defaults_are_the_defaults(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    block = yaml.safe_load(doc.split("```yaml\n", 1)[1].split("```", 1)[0])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"store": {"retention": block["store"]["retention"]}}))
+    assert load_config(str(path)).retention == RetentionSettings()
