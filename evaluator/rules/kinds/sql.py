@@ -30,6 +30,8 @@ NUMERIC = {"tinyint", "smallint", "integer", "bigint", "hugeint", "utinyint", "u
            "uhugeint", "float", "double", "decimal", "null"}
 WRITING = ("INSERT", "DELETE", "UPDATE", "MERGE", "COPY", "CREATE", "DROP", "ALTER", "ATTACH", "DETACH", "VACUUM",
            "EXPORT")
+# table functions a SELECT may call that change the database or its settings rather than read it
+SIDE_EFFECTS = ("CHECKPOINT", "LOGGING", "PROFILING", "EXTERNAL_RESOURCE", "EXECUTE_SERIALIZED_SQL")
 EPOCH = datetime(1970, 1, 1)
 
 
@@ -44,6 +46,23 @@ def _operators(plan: Any) -> Iterator[str]:
         if isinstance(node, dict):
             yield str(node.get("name", ""))
             yield from _operators(node.get("children", []))
+
+
+def writing_operator(cur: duckdb.DuckDBPyConnection, query: str, params: dict[str, Any] | None = None) -> str | None:
+    """The first operator of the physical plan of `query` (one statement) that writes or changes the database (a
+    data-modifying CTE, a checkpoint, ...), or None when it only reads. Shared by sql rules and the query endpoint.
+
+    DuckDB's own errors (parse, bind, permission) propagate; ValueError when the plan cannot be read."""
+    rows = cur.execute("EXPLAIN (FORMAT json) " + query, params).fetchall()
+    for row in rows:
+        try:
+            plan = json.loads(row[1])
+        except (TypeError, ValueError, IndexError):
+            raise ValueError("could not read the query plan to check it is read-only") from None
+        for op in _operators(plan):
+            if any(w in op.upper() for w in WRITING + SIDE_EFFECTS):
+                return op
+    return None
 
 
 def checked_query(cur: duckdb.DuckDBPyConnection, rule_id: str, query: str,
@@ -63,15 +82,12 @@ def checked_query(cur: duckdb.DuckDBPyConnection, rule_id: str, query: str,
         names = ", ".join("?" if p.isdigit() else f"${p}" for p in unknown)
         raise RuleError(f"{rule_id}: unknown query parameter(s) {names}; only $ts (the evaluation time) exists")
     uses_ts = "ts" in stmt.named_parameters
-    rows = cur.execute("EXPLAIN (FORMAT json) " + stmt.query, params if uses_ts else None).fetchall()
-    for row in rows:
-        try:
-            plan = json.loads(row[1])
-        except (TypeError, ValueError, IndexError):
-            raise RuleError(f"{rule_id}: could not read the query plan to check it is read-only") from None
-        for op in _operators(plan):
-            if any(w in op.upper() for w in WRITING):
-                raise RuleError(f"{rule_id}: the query writes ({op}); a rule may only read")
+    try:
+        op = writing_operator(cur, stmt.query, params if uses_ts else None)
+    except ValueError as exc:
+        raise RuleError(f"{rule_id}: {exc}") from None
+    if op is not None:
+        raise RuleError(f"{rule_id}: the query writes ({op}); a rule may only read")
     return stmt.query, uses_ts
 
 
