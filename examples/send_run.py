@@ -4,21 +4,18 @@
     python examples/send_run.py --broken              # the broken day from the payments story
     python examples/send_run.py --endpoint host:4317
 
-The run is one span, `features.daily.run`, whose data.* attributes are the payload signals.
+The run is one span, `features.daily.run` from `risk-feature-pipeline`, ending now, whose data.* attributes are the
+payload signals (row count, freshness lag, amount median and histogram). The values are the payments story's, built
+by evaluator/demo/payments.py, which `otel-evaluator demo` sends too (fourteen healthy days and the broken one).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-
-HEALTHY = {"data.row_count": 10_240_883, "data.freshness_lag_hours": 0.02, "data.amount_paise.median": 22_000.0}
-BROKEN = {"data.row_count": 8_412_406, "data.freshness_lag_hours": 6.0, "data.amount_paise.median": 55.0}
+from evaluator.demo.payments import RUN_SPAN, SERVICE, SendFailed, SpanSpec, run_attributes, send
 
 
 def main() -> int:
@@ -26,15 +23,14 @@ def main() -> int:
     parser.add_argument("--endpoint", default="127.0.0.1:4317", help="the evaluator's OTLP/gRPC address")
     parser.add_argument("--broken", action="store_true", help="send the broken day's numbers")
     args = parser.parse_args()
-    provider = TracerProvider(resource=Resource.create({"service.name": "risk-feature-pipeline"}))
-    exporter = OTLPSpanExporter(endpoint=args.endpoint, insecure=True, timeout=10)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    with provider.get_tracer("payments").start_as_current_span("features.daily.run") as run:
-        run.set_attribute("data.dataset", "payments/transactions_yesterday")
-        for key, value in (BROKEN if args.broken else HEALTHY).items():
-            run.set_attribute(key, value)
-    provider.shutdown()
-    print(f"sent one {'broken' if args.broken else 'healthy'} run of features.daily.run to {args.endpoint}")
+    end = time.time_ns()
+    run = SpanSpec(SERVICE, RUN_SPAN, end - 600 * 10**9, end, run_attributes(broken=args.broken))
+    try:
+        send(args.endpoint, [run])
+    except SendFailed as exc:
+        print(f"send_run: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent one {'broken' if args.broken else 'healthy'} run of {RUN_SPAN} to {args.endpoint}")
     return 0
 
 

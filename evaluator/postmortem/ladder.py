@@ -2,8 +2,14 @@
 
 Computed from the store alone (alert_state, plus the rung and owner each rule recorded in `alerts`), so it reads
 the same from the running daemon (admin /ladder) and from a stopped daemon's file (`otel-evaluator ladder --db`).
-A rung's status is the worst state among its rules' series for the dataset (firing > pending > nodata > ok); the
-first firing rung from the top is where to start: its owner is who to call.
+A rung's status is the worst state among its rules' series for the dataset (firing > pending > nodata > ok), or
+`unchecked` when no rule judges that rung for the dataset (nothing is known, which is not "ok"); the first firing
+rung from the top is where to start: its owner is who to call.
+
+`service` keeps the datasets whose runs come from that service: those named (attribute `data.dataset` or
+`dataset`) by a stored span whose resource `service.name` is the service. It is read from the spans, not from the
+rules' selectors, so it works the same on a stopped daemon's file (which has no rules) and covers SQL rules, whose
+series carry a dataset label but no selector. A dataset that more than one service emits belongs to each of them.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ from evaluator.rules.model import RUNGS
 
 LADDER_RUNGS = ("freshness", "completeness", "distribution", "prediction_quality")
 DATASET_LABELS = ("data.dataset", "dataset")
-_SEVERITY = {"firing": 3, "pending": 2, "nodata": 1}
+_SEVERITY = {"firing": 3, "pending": 2, "nodata": 1, "ok": 0}
+UNCHECKED = "unchecked"
 
 
 @dataclass
 class Rung:
     rung: str
-    status: str = "ok"  # ok | nodata | pending | firing
+    status: str = UNCHECKED  # unchecked (no rule for this rung) | ok | nodata | pending | firing
     alert: str | None = None
     owner: str | None = None
     value: float | None = None
@@ -42,6 +49,11 @@ class DatasetLadder:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetLadder:
+        """The inverse of as_dict (admin /ladder answers)."""
+        return cls(data["dataset"], [Rung(**r) for r in data["rungs"]], data.get("start_here"))
+
 
 _QUERY = """
 SELECT s.rule_id, s.series::VARCHAR, s.state, s.value, epoch_us(coalesce(s.fired_at, s.active_at)),
@@ -53,19 +65,33 @@ JOIN (SELECT rule_id, rung, owner, alert_name, summary,
 """
 
 
-def build_ladder(cur: duckdb.DuckDBPyConnection, dataset: str | None = None) -> list[DatasetLadder]:
+_SERVICE_DATASETS = """
+SELECT DISTINCT d.value FROM span_strings d JOIN spans s ON s.span_key = d.span_key
+WHERE d.key IN ('data.dataset', 'dataset') AND s.service_name = ?
+"""
+
+
+def service_datasets(cur: duckdb.DuckDBPyConnection, service: str) -> set[str]:
+    """The datasets named by spans of this service (resource service.name)."""
+    return {r[0] for r in cur.execute(_SERVICE_DATASETS, [service]).fetchall()}
+
+
+def build_ladder(cur: duckdb.DuckDBPyConnection, dataset: str | None = None,
+                 service: str | None = None) -> list[DatasetLadder]:
+    """Every dataset with alert state, or the one named, or those whose runs come from `service`."""
     rows = cur.execute(_QUERY).fetchall()
+    keep = service_datasets(cur, service) if service is not None else None
     by_dataset: dict[str, dict[str, Rung]] = {}
     for _rule_id, series_text, state, value, since_us, rung, owner, alert, summary in rows:
         series = json.loads(series_text)
         name = next((series[k] for k in DATASET_LABELS if series.get(k)), None)
         if name is None or rung not in RUNGS or rung == "custom":
             continue
-        if dataset is not None and name != dataset:
+        if (dataset is not None and name != dataset) or (keep is not None and name not in keep):
             continue
         rungs = by_dataset.setdefault(name, {r: Rung(r) for r in LADDER_RUNGS})
         current = rungs[rung]
-        if _SEVERITY.get(state, 0) > _SEVERITY.get(current.status, 0):
+        if _SEVERITY.get(state, 0) > _SEVERITY.get(current.status, -1):
             rungs[rung] = Rung(rung, state, alert, owner, value, _iso(since_us), summary)
     out = []
     for name in sorted(by_dataset):
@@ -88,18 +114,20 @@ def current_alerts(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
              "rung": r[5], "owner": r[6], "alert": r[7], "summary": r[8]} for r in rows]
 
 
-def render_table(ladders: list[DatasetLadder]) -> str:
+def render_table(ladders: list[DatasetLadder], empty: str = "no dataset has alert state yet") -> str:
     if not ladders:
-        return "no dataset has alert state yet\n"
+        return empty + "\n"
     lines = []
     for lad in ladders:
         lines.append(f"{lad.dataset}")
         for i, r in enumerate(lad.rungs, 1):
             mark = "  <- start here" if r.rung == lad.start_here else ""
             value = "" if r.value is None else f" value {r.value:.4g}"
-            since = f" since {r.since}" if r.since and r.status != "ok" else ""
-            owner = f" ({r.owner})" if r.owner and r.status != "ok" else ""
-            lines.append(f"  {i}. {r.rung:<18} {r.status:<8}{owner}{value}{since}{mark}")
+            quiet = r.status in ("ok", UNCHECKED)
+            since = "" if quiet or not r.since else f" since {r.since}"
+            owner = "" if quiet or not r.owner else f" ({r.owner})"
+            status = "no rule" if r.status == UNCHECKED else r.status
+            lines.append(f"  {i}. {r.rung:<18} {status:<8}{owner}{value}{since}{mark}".rstrip())
             if r.summary and r.status in ("firing", "pending"):
                 lines.append(f"       {r.summary}")
     return "\n".join(lines) + "\n"

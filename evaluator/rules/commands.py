@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -131,8 +134,59 @@ def event_row(ev: AlertEvent) -> dict[str, Any]:
             "threshold": t.threshold, "consecutive": t.consecutive, "run_at": iso(t.run_at), "summary": ev.summary}
 
 
+PROGRESS_ENV = "OTEL_EVALUATOR_PROGRESS"
+
+
+def progress_stream(stream: TextIO, env: Mapping[str, str] | None = None) -> TextIO | None:
+    """Where replay's progress line goes: `stream` when it is a terminal, else nowhere. The variable
+    OTEL_EVALUATOR_PROGRESS=1 forces it on, =0 off."""
+    forced = (os.environ if env is None else env).get(PROGRESS_ENV, "").strip()
+    if forced in ("0", "1"):
+        return stream if forced == "1" else None
+    try:
+        return stream if stream.isatty() else None
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return None
+
+
+class Progress:
+    """One line on a terminal, rewritten in place: evaluation i/N, the time evaluated, transitions, ETA."""
+
+    def __init__(self, stream: TextIO | None, total: int, interval: float = 0.2) -> None:
+        self._stream = stream
+        self._total = total
+        self._interval = interval
+        self._t0 = time.monotonic()
+        self._last = -math.inf
+
+    def update(self, done: int, at: float, transitions: int) -> None:
+        if self._stream is None:
+            return
+        now = time.monotonic()
+        if now - self._last < self._interval and done < self._total:
+            return
+        self._last = now
+        elapsed = now - self._t0
+        eta = elapsed / done * (self._total - done) if done else math.nan
+        eta_text = "" if math.isnan(eta) else f", ETA {_duration(eta)}"
+        self._stream.write(f"\r\x1b[Kreplay {done}/{self._total} at {iso(at)}, {transitions} transition(s)"
+                           f"{eta_text}")
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def replay(db: str, rules: list[str], start: float, end: float, step: str, fmt: str, out: TextIO,
-           err: TextIO) -> int:
+           err: TextIO, progress: TextIO | None = None) -> int:
+    """progress: where to draw the progress line (see progress_stream), or None for none."""
     try:
         step_s = parse_duration(step)
     except ValueError as exc:
@@ -147,10 +201,14 @@ def replay(db: str, rules: list[str], start: float, end: float, step: str, fmt: 
     store, engine, _state, _ = opened
     steps = math.floor((end - start) / step_s) + 1
     events: list[AlertEvent] = []
+    bar = Progress(progress, steps)
     try:
         for i in range(steps):
-            events.extend(engine.evaluate_all(start + i * step_s))
+            at = start + i * step_s
+            events.extend(engine.evaluate_all(at))
+            bar.update(i + 1, at, len(events))
     finally:
+        bar.close()
         store.shutdown()
     rows = [event_row(ev) for ev in events]
     if fmt == "json":

@@ -4,20 +4,27 @@ One job per group, never two runs of a group at once (max_instances=1). The eval
 interval slot the clock is in (floor(now / interval) * interval), so evaluations land on the same instants
 however late a job starts. Slots skipped because the previous evaluation overran are counted, not evaluated
 late in a burst (coalesce=True).
+
+`evaluate_now` (admin POST /evaluate) evaluates a group at the clock's current time, outside the slots. Per group,
+a lock held from choosing the evaluation time to the end of the evaluation serializes it with the scheduled job,
+and evaluation times never go backwards: a slot at or before an on-demand evaluation is skipped (the group was
+just evaluated at a later time), and an on-demand evaluation never runs at a time before the group's last one.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections import defaultdict
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from evaluator.clock import Clock
-from evaluator.rules.engine import RuleEngine
+from evaluator.rules.engine import AlertEvent, RuleEngine
 from evaluator.rules.model import RuleGroup
 from evaluator.telemetry import Telemetry
 
@@ -36,7 +43,9 @@ class GroupScheduler:
         self._scheduler: BackgroundScheduler | None = None
         self._groups: dict[str, RuleGroup] = {}
         self._last_slot: dict[str, float] = {}
+        self._last_eval: dict[str, float] = {}  # the latest evaluation time per group, slot or on demand
         self._lock = threading.Lock()
+        self._eval_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)  # per group, see evaluate_now
         self._missed = telemetry.counter("rule_group_missed_slots_total",
                                          "Evaluation slots skipped because a group's evaluation overran.",
                                          ("group",))
@@ -46,26 +55,68 @@ class GroupScheduler:
     # -- the job body (called by APScheduler; tests call it directly with a fake clock) -------------------------
     def run_slot(self, name: str) -> float | None:
         """Evaluate the group for the current slot, unless that slot was already evaluated. Returns the slot."""
-        with self._lock:
-            group = self._groups.get(name)
-            if group is None:
-                return None
-            slot = math.floor(self._clock.now() / group.interval) * group.interval
-            last = self._last_slot.get(name)
-            if last is not None:
-                if slot <= last:
+        with self._eval_locks[name]:
+            with self._lock:
+                group = self._groups.get(name)
+                if group is None:
                     return None
-                missed = round((slot - last) / group.interval) - 1
-                if missed > 0:
-                    self._missed.inc(missed, group=name)
-                    self._log.warning("evaluation slots missed", group=name, missed=missed)
-            self._last_slot[name] = slot
-        try:
-            self._engine.evaluate_group(group, slot)
-        except Exception as exc:  # a store failure: the next slot tries again
-            self._failures.inc(group=name)
-            self._log.error("group evaluation failed", group=name, error=str(exc))
-        return slot
+                slot = math.floor(self._clock.now() / group.interval) * group.interval
+                last = self._last_slot.get(name)
+                if last is not None:
+                    if slot <= last:
+                        return None
+                    missed = round((slot - last) / group.interval) - 1
+                    if missed > 0:
+                        self._missed.inc(missed, group=name)
+                        self._log.warning("evaluation slots missed", group=name, missed=missed)
+                self._last_slot[name] = slot
+                if slot <= self._last_eval.get(name, -math.inf):
+                    return None  # evaluated on demand at a later time already: time must not go backwards
+                self._last_eval[name] = slot
+            try:
+                self._engine.evaluate_group(group, slot)
+            except Exception as exc:  # a store failure: the next slot tries again
+                self._failures.inc(group=name)
+                self._log.error("group evaluation failed", group=name, error=str(exc))
+            return slot
+
+    def evaluate_now(self, name: str) -> tuple[float, list[AlertEvent]] | None:
+        """Evaluate the group now (the clock's time, or the group's last evaluation time if that is later).
+        Waits for a scheduled evaluation of the group in progress. None if no such group is scheduled; an
+        evaluation that fails raises."""
+        with self._eval_locks[name]:
+            with self._lock:
+                group = self._groups.get(name)
+                if group is None:
+                    return None
+                ts = max(self._clock.now(), self._last_eval.get(name, -math.inf))
+                self._last_eval[name] = ts
+            return ts, self._engine.evaluate_group(group, ts)
+
+    def evaluate_all_now(self) -> dict[str, Any]:
+        """Every scheduled group now (admin POST /evaluate): the groups evaluated, with their evaluation time, the
+        transitions (rule, series, from, to, value, ...) and the rules that failed."""
+        with self._lock:
+            names = list(self._groups)
+        groups: list[dict[str, Any]] = []
+        transitions: list[dict[str, Any]] = []
+        for name in names:
+            done = self.evaluate_now(name)
+            if done is None:
+                continue  # removed by a reload meanwhile
+            ts, events = done
+            groups.append({"name": name, "evaluated_at": _iso(ts), "rules": len(self._groups[name].rules)
+                           if name in self._groups else None})
+            for ev in events:
+                t = ev.transition
+                transitions.append({
+                    "group": name, "rule": ev.rule.id, "alert": ev.rule.name, "rung": ev.rule.rung,
+                    "owner": ev.rule.owner, "series": dict(t.series), "from": t.from_state, "to": t.to_state,
+                    "value": t.value if t.value is None or math.isfinite(t.value) else str(t.value),
+                    "threshold": list(t.threshold) if isinstance(t.threshold, tuple) else t.threshold,
+                    "summary": ev.summary, "inhibited": ev.inhibited})
+        unhealthy = {k: v for k, v in self._engine.health.items() if v}
+        return {"groups": groups, "transitions": transitions, "unhealthy": unhealthy}
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self, groups: tuple[RuleGroup, ...]) -> None:
@@ -87,6 +138,7 @@ class GroupScheduler:
             scheduler.remove_all_jobs()
             self._groups = {g.name: g for g in groups}
             self._last_slot = {k: v for k, v in self._last_slot.items() if k in self._groups}
+            self._last_eval = {k: v for k, v in self._last_eval.items() if k in self._groups}
             for g in groups:
                 scheduler.add_job(self.run_slot, IntervalTrigger(seconds=g.interval, timezone="UTC"),
                                   args=(g.name,), id=g.name, name=f"rule group {g.name}",
@@ -100,3 +152,6 @@ class GroupScheduler:
         if scheduler is not None:
             scheduler.shutdown(wait=True)
 
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
