@@ -66,6 +66,8 @@ def _rule_parsers(sub: argparse._SubParsersAction) -> None:
                                    "rung is marked as where to start. Asks the running daemon's admin endpoint; when "
                                    "none answers, reads the DuckDB file (read-only).")
     p.add_argument("--dataset", metavar="NAME", help="one dataset (the series label data.dataset)")
+    p.add_argument("--service", metavar="NAME",
+                   help="the datasets whose runs come from this service (spans with that service.name naming them)")
     add_admin_arguments(p)
     p.add_argument("--db", default="./evaluator.duckdb", metavar="PATH", help="the file, when no daemon answers")
     p.add_argument("--format", choices=("table", "json"), default="table")
@@ -103,7 +105,8 @@ def cmd_ladder(args: argparse.Namespace) -> int:
 
     configure_logging("warning")
 
-    query = "?" + urllib.parse.urlencode({"dataset": args.dataset}) if args.dataset else ""
+    params = {k: v for k, v in (("dataset", args.dataset), ("service", args.service)) if v}
+    query = "?" + urllib.parse.urlencode(params) if params else ""
     ladders: list[DatasetLadder] | None = None
     try:
         data = client_from_args(args).get_json("/ladder" + query)
@@ -122,14 +125,15 @@ def cmd_ladder(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         cur = store.cursor()
         try:
-            ladders = build_ladder(cur, args.dataset)
+            ladders = build_ladder(cur, args.dataset, args.service)
         finally:
             cur.close()
             store.shutdown()
     if args.format == "json":
         print(json.dumps([lad.as_dict() for lad in ladders], indent=2))
     else:
-        sys.stdout.write(render_table(ladders))
+        scope = " of service " + args.service if args.service else ""
+        sys.stdout.write(render_table(ladders, f"no dataset{scope} has alert state yet"))
     return EXIT_OK
 
 
@@ -160,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from evaluator.rules.commands import parse_time, replay
+    from evaluator.rules.commands import parse_time, progress_stream, replay
 
     configure_logging("warning")
     try:
@@ -168,7 +172,83 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"otel-evaluator: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return replay(args.db, args.rules, start, end, args.step, args.format, sys.stdout, sys.stderr)
+    return replay(args.db, args.rules, start, end, args.step, args.format, sys.stdout, sys.stderr,
+                  progress=progress_stream(sys.stderr))
+
+
+def _postmortem_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sql", help="run one read-only SQL statement over the store (the daemon's, else the file)",
+                       description="Run one read-only statement (SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) over the "
+                                   "store and print the result. Asks the running daemon (admin POST /query); when "
+                                   "none answers, opens the DuckDB file read-only and runs the same checks and "
+                                   "limits. Anything that would write, and file access, is refused. Exit 0 ok, 1 the "
+                                   "query failed or was refused, 2 no daemon and no readable file, or bad usage.")
+    p.add_argument("statement", metavar="SQL", help="the statement, or - to read it from stdin")
+    add_admin_arguments(p)
+    p.add_argument("--db", metavar="PATH", help="the file, when no daemon answers (default ./evaluator.duckdb); "
+                                                "given without --admin, the file is read and no daemon is asked")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--max-rows", type=int, metavar="N",
+                   help="row limit (default 10000; the daemon allows up to its admin.query.max_rows)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="time limit (default and maximum 30)")
+
+    p = sub.add_parser("export", help="write every public table to Parquet files (zstd) and a manifest.json",
+                       description="Export the store's public tables (docs/schema.md) to DIR: one zstd-compressed "
+                                   "Parquet file per table and manifest.json. Reads from the running daemon (admin "
+                                   "POST /query, in bounded chunks); when none answers, from the DuckDB file "
+                                   "(read-only). A progress line goes to stderr when it is a terminal "
+                                   "(OTEL_EVALUATOR_PROGRESS=1 forces it, =0 silences it). Exit 0 ok, 1 the export "
+                                   "failed, 2 no daemon and no readable file, or bad usage.")
+    p.add_argument("--to", required=True, metavar="DIR", help="the folder to write (created if needed)")
+    p.add_argument("--tables", metavar="A,B", help="only these tables (comma-separated; default all public ones)")
+    p.add_argument("--since", metavar="TIME",
+                   help="only spans (and their attributes) that ended at or after TIME (ISO-8601 or unix seconds)")
+    add_admin_arguments(p)
+    p.add_argument("--db", metavar="PATH", help="the file, when no daemon answers (default ./evaluator.duckdb); "
+                                                "given without --admin, the file is read and no daemon is asked")
+    p.add_argument("--chunk-rows", type=int, default=100_000, metavar="N",
+                   help="rows per request to the daemon, and per Parquet row group (default 100000)")
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from evaluator.postmortem.query import sql_command
+
+    configure_logging("warning")
+    return sql_command(args, sys.stdin, sys.stdout, sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from evaluator.postmortem.export import export_command
+
+    configure_logging("warning")
+    return export_command(args, sys.stdout, sys.stderr)
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the payments story end to end in under a minute: send, evaluate, the ladder",
+                       description="Send 14 healthy days and then the broken day of the payments feature pipeline "
+                                   "with the OpenTelemetry SDK, evaluate the rules now and print the ladder, with "
+                                   "freshness as where to start. When no daemon answers at --admin (or with "
+                                   "--local) it starts one with the repository's payments rules in a temporary "
+                                   "directory; otherwise it uses that daemon (send to --endpoint, POST /evaluate). "
+                                   "Exit 0 when freshness was shown as the first failing rung, 1 otherwise, 2 bad "
+                                   "usage, 3 the demo daemon did not start.")
+    add_admin_arguments(p)
+    p.add_argument("--endpoint", default="127.0.0.1:4317", metavar="HOST:PORT",
+                   help="with a running daemon: its OTLP/gRPC address (default 127.0.0.1:4317)")
+    p.add_argument("--local", action="store_true", help="start a temporary daemon even if one answers at --admin")
+    p.add_argument("--keep", metavar="DIR",
+                   help="the started daemon's DuckDB file goes to DIR/evaluator.duckdb and stays (default: a "
+                        "temporary directory, removed at the end)")
+    p.add_argument("--rules", action="append", metavar="PATH",
+                   help="the started daemon's rule file or folder (repeatable; default: the repository's rules/)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from evaluator.demo.command import run
+
+    configure_logging("warning")
+    return run(args, sys.stdout, sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
     _rule_parsers(sub)
+    _postmortem_parsers(sub)
+    _demo_parser(sub)
     return parser
 
 
@@ -213,7 +295,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     configure_logging(cfg.log_level, cfg.log_format)
     log = structlog.get_logger("otel-evaluator")
-    daemon = Daemon(cfg, log=log)
+    try:
+        daemon = Daemon(cfg, log=log)
+    except InvalidConfig as exc:  # the exporter settings or the token source, checked against the environment
+        print("otel-evaluator: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         daemon.start()
     except InvalidConfig as exc:
@@ -244,5 +332,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     handlers = {"serve": cmd_serve, "check": cmd_check, "test": cmd_test, "eval": cmd_eval, "replay": cmd_replay,
-                "ladder": cmd_ladder}
+                "ladder": cmd_ladder, "sql": cmd_sql, "export": cmd_export, "demo": cmd_demo}
     return handlers[args.command](args)

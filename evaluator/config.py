@@ -21,6 +21,11 @@ from evaluator.log import LEVELS
 from evaluator.receiver.grpc_server import GrpcSettings
 from evaluator.receiver.http_server import HttpSettings
 from evaluator.receiver.ingest import IngestSettings
+from evaluator.receiver.limits import ACTIONS as LIMIT_ACTIONS
+from evaluator.receiver.limits import SpanLimits
+from evaluator.security.auth import AuthSettings
+from evaluator.security.config import read_auth, read_tls
+from evaluator.store.retention import RetentionSettings
 from evaluator.store.store import StoreSettings
 from evaluator.yamlsrc import (
     InvalidConfig,
@@ -60,6 +65,7 @@ class Config:
     store: StoreSettings = field(default_factory=StoreSettings)
     max_group_spans: int = 50_000
     checkpoint_wal_bytes: int = 64 * 1024 * 1024  # checkpoint in the background once the WAL is this big
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
     grpc: GrpcSettings | None = field(default_factory=GrpcSettings)  # None: receiver disabled
     http: HttpSettings | None = field(default_factory=HttpSettings)
@@ -70,6 +76,7 @@ class Config:
     rules: tuple[str, ...] = ()  # rule files or folders; relative paths are relative to the config file
     exporter: OtlpExporterConfig = field(default_factory=OtlpExporterConfig)  # OTEL_EXPORTER_OTLP_* override it
     alertmanager: AlertmanagerSettings = field(default_factory=AlertmanagerSettings)
+    auth: AuthSettings | None = None  # bearer tokens required on all three servers (probes excepted)
     source: str = "(embedded defaults)"
 
 
@@ -95,6 +102,52 @@ def _read_listen(node: Node | None, key: str, problems: Problems) -> str | None:
     return value
 
 
+def _read_off_duration(node: Node | None, key: str, problems: Problems) -> tuple[bool, float | None]:
+    """(given, seconds) of a duration that `0` or `off` disables (seconds None)."""
+    if node is None:
+        return False, None
+    if node.value in (0, "0", "off") or node.value is False:  # YAML 1.1 reads a bare `off` as false
+        return True, None
+    seconds = read_duration(node, key, problems)
+    if seconds is not None and seconds <= 0:
+        problems.add(node, key, "must be above 0 (or 0/off to disable)")
+        seconds = None
+    return seconds is not None, seconds
+
+
+def _read_retention(node: Node, base: RetentionSettings, problems: Problems) -> RetentionSettings:
+    check_keys(node, {"spans", "alerts", "interval"}, problems, "store.retention")
+    changes: dict[str, float | None] = {}
+    for key, attr in (("spans", "spans_seconds"), ("alerts", "alerts_seconds"), ("interval", "interval_seconds")):
+        given, seconds = _read_off_duration(node.get(key), f"store.retention.{key}", problems)
+        if given:
+            changes[attr] = seconds
+    return replace(base, **changes)
+
+
+def _read_limits(node: Node, base: SpanLimits, problems: Problems) -> SpanLimits:
+    check_keys(node, {"max_attributes_per_span", "max_attribute_value_length", "action"}, problems,
+               "receivers.limits")
+    changes: dict[str, int | str | None] = {}
+    for key, attr in (("max_attributes_per_span", "max_attributes"),
+                      ("max_attribute_value_length", "max_value_length")):
+        child = node.get(key)
+        if child is None:
+            continue
+        if child.value is False or child.value == "off":  # YAML 1.1 reads a bare `off` as false
+            changes[attr] = None
+            continue
+        value = read_int(child, f"receivers.limits.{key}", problems, minimum=1)
+        if value is not None:
+            changes[attr] = value
+    action = read_str(node.get("action"), "receivers.limits.action", problems)
+    if action is not None and action not in LIMIT_ACTIONS:
+        problems.add(node.get("action"), "receivers.limits.action", f"must be one of {', '.join(LIMIT_ACTIONS)}")
+    elif action is not None:
+        changes["action"] = action
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
 _T = TypeVar("_T")
 
 
@@ -109,8 +162,10 @@ def config_from_node(root: Node, problems: Problems) -> Config:
     if not root.is_map():
         problems.add(root, "", "the config file must be a mapping")
         return cfg
-    check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace", "rules", "exporter", "alertmanager"},
-               problems, "")
+    check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace", "rules", "exporter", "alertmanager",
+                      "auth"}, problems, "")
+    config_dir = os.path.dirname(os.path.abspath(root.file))  # TLS and token files are relative to it
+    cfg = replace(cfg, auth=read_auth(root.get("auth"), problems, base=config_dir))
     am = read_map(root.get("alertmanager"), "alertmanager", problems)
     if am is not None:
         check_keys(am, {"url", "resend_interval", "timeout"}, problems, "alertmanager")
@@ -158,8 +213,11 @@ def config_from_node(root: Node, problems: Problems) -> Config:
 
     store = read_map(root.get("store"), "store", problems)
     if store is not None:
-        check_keys(store, {"path", "memory_limit", "threads", "max_group_spans", "checkpoint_wal_size"}, problems,
-                   "store")
+        check_keys(store, {"path", "memory_limit", "threads", "max_group_spans", "checkpoint_wal_size", "retention"},
+                   problems, "store")
+        retention = read_map(store.get("retention"), "store.retention", problems)
+        if retention is not None:
+            cfg = replace(cfg, retention=_read_retention(retention, cfg.retention, problems))
         wal = _read_size(store.get("checkpoint_wal_size"), "store.checkpoint_wal_size", problems)
         if wal is not None and wal < 1024 * 1024:
             problems.add(store.get("checkpoint_wal_size"), "store.checkpoint_wal_size", "must be at least 1MiB")
@@ -183,7 +241,7 @@ def config_from_node(root: Node, problems: Problems) -> Config:
     rec = read_map(root.get("receivers"), "receivers", problems)
     if rec is not None:
         check_keys(rec, {"keep_prefixes", "keep_all_spans", "max_request_size", "inflight_bytes", "retry_after",
-                         "grpc", "http"}, problems, "receivers")
+                         "grpc", "http", "limits"}, problems, "receivers")
         prefixes = read_str_list(rec.get("keep_prefixes"), "receivers.keep_prefixes", problems)
         if prefixes is not None and not prefixes:
             problems.add(rec.get("keep_prefixes"), "receivers.keep_prefixes",
@@ -199,11 +257,14 @@ def config_from_node(root: Node, problems: Problems) -> Config:
         )
         if keep_all:
             ingest = replace(ingest, keep_prefixes=None)
+        limits = read_map(rec.get("limits"), "receivers.limits", problems)
+        if limits is not None:
+            ingest = replace(ingest, limits=_read_limits(limits, ingest.limits, problems))
         cfg = replace(cfg, ingest=ingest)
 
         grpc_node = read_map(rec.get("grpc"), "receivers.grpc", problems)
         if grpc_node is not None:
-            check_keys(grpc_node, {"enabled", "listen", "max_workers", "max_concurrent_streams"}, problems,
+            check_keys(grpc_node, {"enabled", "listen", "max_workers", "max_concurrent_streams", "tls"}, problems,
                        "receivers.grpc")
             grpc_settings = _set(
                 GrpcSettings(),
@@ -211,26 +272,41 @@ def config_from_node(root: Node, problems: Problems) -> Config:
                 max_workers=read_int(grpc_node.get("max_workers"), "receivers.grpc.max_workers", problems, 1),
                 max_concurrent_streams=read_int(grpc_node.get("max_concurrent_streams"),
                                                 "receivers.grpc.max_concurrent_streams", problems, 1),
+                tls=read_tls(grpc_node.get("tls"), "receivers.grpc.tls", problems, config_dir),
             )
             enabled = read_bool(grpc_node.get("enabled"), "receivers.grpc.enabled", problems)
             cfg = replace(cfg, grpc=None if enabled is False else grpc_settings)
         http_node = read_map(rec.get("http"), "receivers.http", problems)
         if http_node is not None:
-            check_keys(http_node, {"enabled", "listen", "max_connections"}, problems, "receivers.http")
+            check_keys(http_node, {"enabled", "listen", "max_connections", "tls"}, problems, "receivers.http")
             http_settings = _set(
                 HttpSettings(),
                 listen=_read_listen(http_node.get("listen"), "receivers.http.listen", problems),
                 max_connections=read_int(http_node.get("max_connections"), "receivers.http.max_connections",
                                          problems, 1),
+                tls=read_tls(http_node.get("tls"), "receivers.http.tls", problems, config_dir),
             )
             enabled = read_bool(http_node.get("enabled"), "receivers.http.enabled", problems)
             cfg = replace(cfg, http=None if enabled is False else http_settings)
 
     admin = read_map(root.get("admin"), "admin", problems)
     if admin is not None:
-        check_keys(admin, {"listen"}, problems, "admin")
+        check_keys(admin, {"listen", "tls", "query"}, problems, "admin")
         cfg = replace(cfg, admin=_set(cfg.admin, listen=_read_listen(admin.get("listen"), "admin.listen",
-                                                                     problems)))
+                                                                     problems),
+                                      tls=read_tls(admin.get("tls"), "admin.tls", problems, config_dir)))
+        query = read_map(admin.get("query"), "admin.query", problems)
+        if query is not None:
+            check_keys(query, {"default_rows", "max_rows", "timeout", "max_concurrent"}, problems, "admin.query")
+            cfg = replace(cfg, admin=replace(cfg.admin, query=_set(
+                cfg.admin.query,
+                default_rows=read_int(query.get("default_rows"), "admin.query.default_rows", problems, 1),
+                max_rows=read_int(query.get("max_rows"), "admin.query.max_rows", problems, 1),
+                timeout_seconds=read_duration(query.get("timeout"), "admin.query.timeout", problems),
+                max_concurrent=read_int(query.get("max_concurrent"), "admin.query.max_concurrent", problems, 1),
+            )))
+            if cfg.admin.query.default_rows > cfg.admin.query.max_rows:
+                problems.add(query.get("default_rows"), "admin.query.default_rows", "must not exceed max_rows")
 
     log = read_map(root.get("log"), "log", problems)
     if log is not None:

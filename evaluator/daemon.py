@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -36,7 +37,9 @@ from evaluator.rules.kinds import KINDS
 from evaluator.rules.loader import load_rules
 from evaluator.rules.model import RuleSet
 from evaluator.rules.scheduler import GroupScheduler
+from evaluator.security.auth import Authenticator, TokenError
 from evaluator.store.checkpointer import Checkpointer
+from evaluator.store.retention import RetentionWorker, store_free_bytes
 from evaluator.store.store import Store
 from evaluator.store.writer import SpanWriter
 from evaluator.telemetry import Telemetry
@@ -62,21 +65,32 @@ class Daemon:
         self.store = Store(config.store, log=self.log.bind(component="store"))
         self.checkpointer = Checkpointer(self.store, self.telemetry, wal_bytes=config.checkpoint_wal_bytes,
                                          log=self.log.bind(component="checkpointer"))
+        self.retention = RetentionWorker(self.store, self.telemetry, self.clock, config.retention,
+                                         log=self.log.bind(component="retention"))
         self.writer = SpanWriter(self.store, self.telemetry, max_group_spans=config.max_group_spans,
                                  log=self.log.bind(component="writer"))
         self.ingestor = Ingestor(self.writer, self.telemetry, self.clock, config.ingest,
                                  log=self.log.bind(component="ingest"))
+        self.auth: Authenticator | None = None
+        if config.auth is not None:
+            try:
+                self.auth = Authenticator.from_settings(config.auth, self.telemetry, environ=env,
+                                                        log=self.log.bind(component="auth"))
+            except (TokenError, OSError) as exc:
+                raise InvalidConfig([Problem("auth", 0, "", str(exc))]) from None
         self.grpc = (
             # gRPC core refuses messages over its own limit before our handler runs, uncounted; at twice our
             # limit, every realistic oversize request reaches the ingestor, which answers and counts it.
             GrpcReceiver(self.ingestor, replace(config.grpc, max_receive_bytes=2 * config.ingest.max_request_bytes),
-                         log=self.log.bind(component="grpc"))
+                         log=self.log.bind(component="grpc"), auth=self.auth)
             if config.grpc else None
         )
-        self.http = (HttpReceiver(self.ingestor, config.http, log=self.log.bind(component="http"))
+        self.http = (HttpReceiver(self.ingestor, config.http, log=self.log.bind(component="http"), auth=self.auth,
+                                  telemetry=self.telemetry)
                      if config.http else None)
         self.admin = AdminServer(config.admin, self.telemetry, self._not_ready_reason,
-                                 log=self.log.bind(component="admin"), cursor_factory=self.store.cursor)
+                                 log=self.log.bind(component="admin"), cursor_factory=self.store.cursor,
+                                 auth=self.auth, evaluate=self.evaluate_now)
         environ = os.environ if env is None else env
         try:
             traces = from_env(environ, "traces", base=config.exporter)
@@ -118,6 +132,17 @@ class Daemon:
         self._lock = threading.Lock()
         size = self.telemetry.gauge("store_size_bytes", "Bytes of the DuckDB file and its WAL.")
         self.telemetry.add_collector(lambda: size.set(self.store.size_bytes()))
+        free = self.telemetry.gauge("store_free_bytes", "Bytes of free blocks inside the DuckDB file (space freed by "
+                                    "retention, reused before the file grows).")
+        self.telemetry.add_collector(lambda: free.set(store_free_bytes(self.store)))
+
+    def evaluate_now(self) -> dict[str, Any]:
+        """Admin POST /evaluate: every rule group at the clock's time now. Serialized per group with the
+        scheduler's own runs, never at a time before the group's last evaluation (GroupScheduler.evaluate_now)."""
+        why = self._not_ready_reason()
+        if why is not None:
+            raise RuntimeError(why)
+        return self.scheduler.evaluate_all_now()
 
     def _not_ready_reason(self) -> str | None:
         if not self._ready:
@@ -135,6 +160,7 @@ class Daemon:
                 self.store.start()
                 self.checkpointer.start()
                 self.writer.start()
+                self.retention.start()
                 if self.outbox is not None:
                     self.outbox.start()
                 if self.metrics is not None:
@@ -201,6 +227,7 @@ class Daemon:
         self.writer.shutdown()
         if self.metrics is not None:
             self.metrics.shutdown()
+        self.retention.shutdown()
         self.checkpointer.shutdown()
         self.admin.shutdown(1.0)
         self.store.shutdown()

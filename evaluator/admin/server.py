@@ -1,18 +1,23 @@
 """Admin HTTP: /healthz (the process answers), /readyz (every component is up), /metrics (Prometheus text),
-/ladder (the four rungs per dataset, JSON; ?dataset= to pick one) and /alerts (pending and firing, JSON)."""
+/ladder (the four rungs per dataset, JSON; ?dataset= or ?service= to pick), /alerts (pending and firing, JSON)
+and POST /evaluate (evaluate every rule group now; the groups and the transitions, JSON) and POST /query (one
+read-only SQL statement over the store, as JSON, CSV or Arrow; evaluator/postmortem/query.py)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
 import structlog
 
-from evaluator.httpbase import HttpServer, Request, Response, text
+from evaluator.httpbase import BodyTooLarge, HttpServer, Request, Response, text
 from evaluator.postmortem.ladder import build_ladder, current_alerts
+from evaluator.postmortem.query import FORMATS, QueryLimits, QueryProblem, QueryRunner, parse_request
+from evaluator.security.auth import Authenticator
+from evaluator.security.tls import TlsSettings
 from evaluator.telemetry import Telemetry
 
 
@@ -20,6 +25,12 @@ from evaluator.telemetry import Telemetry
 class AdminSettings:
     listen: str = "127.0.0.1:13133"
     max_connections: int = 16
+    tls: TlsSettings | None = None
+    query: QueryLimits = field(default_factory=QueryLimits)  # POST /query: row and time limits, concurrency
+
+
+# Kubernetes probes need no token: with auth configured every other path (present and future) requires one.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class AdminServer:
@@ -30,18 +41,27 @@ class AdminServer:
         ready: Callable[[], str | None],
         log: structlog.typing.FilteringBoundLogger | None = None,
         cursor_factory: Callable[[], duckdb.DuckDBPyConnection] | None = None,
+        auth: Authenticator | None = None,
+        evaluate: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
-        """ready() returns None when ready, or why not; cursor_factory serves /ladder and /alerts."""
+        """ready() returns None when ready, or why not; cursor_factory serves /ladder and /alerts; evaluate()
+        serves POST /evaluate (it raises RuntimeError when the daemon cannot evaluate now)."""
+        self._evaluate = evaluate
         self._telemetry = telemetry
         self._ready = ready
         self._cursor = cursor_factory
+        self.query_limits = settings.query
+        self.queries = QueryRunner(cursor_factory, telemetry, settings.query) if cursor_factory is not None else None
         self.server = HttpServer("admin", settings.listen, {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/metrics": self._metrics,
             "/ladder": self._ladder,
             "/alerts": self._alerts,
-        }, max_connections=settings.max_connections, log=log)
+            "/evaluate": self._evaluate_now,
+            "/query": self._query,
+        }, max_connections=settings.max_connections, log=log, tls=settings.tls, auth=auth, open_paths=OPEN_PATHS,
+            telemetry=telemetry, label="admin")
 
     @property
     def port(self) -> int | None:
@@ -75,7 +95,44 @@ class AdminServer:
     def _ladder(self, request: Request) -> Response:
         values = request.query.get("dataset")
         dataset = values[0] if values else None
-        return self._from_store(lambda cur: [lad.as_dict() for lad in build_ladder(cur, dataset)])
+        services = request.query.get("service")
+        service = services[0] if services else None
+        return self._from_store(lambda cur: [lad.as_dict() for lad in build_ladder(cur, dataset, service)])
+
+    def _evaluate_now(self, request: Request) -> Response:
+        if request.method != "POST":
+            return text(405, "use POST /evaluate", Allow="POST")
+        request.read_body(65536)  # nothing is expected in it; read so the connection stays usable
+        if self._evaluate is None:
+            return text(404, "no rule engine")
+        try:
+            result = self._evaluate()
+        except RuntimeError as exc:
+            return text(503, f"cannot evaluate now: {exc}")
+        return Response(200, json.dumps(result, indent=2).encode(), "application/json")
+
+    def _query(self, request: Request) -> Response:
+        if request.method != "POST":
+            return text(405, 'use POST /query with {"sql": "SELECT ..."}', Allow="POST")
+        try:
+            body = request.read_body(self.query_limits.max_body_bytes)
+        except BodyTooLarge as exc:
+            return _query_error(413, {"error": f"{exc}; send one statement", "reason": "refused"})
+        if self.queries is None:
+            return _query_error(404, {"error": "no store", "reason": "error"})
+        try:
+            sql, fmt, max_rows, timeout = parse_request(body, request.headers.get("Content-Type") or "",
+                                                        request.headers.get("Accept") or "")
+        except QueryProblem as exc:
+            self.queries.count(exc.reason)
+            return _query_error(exc.status, exc.as_dict())
+        try:
+            result, data = self.queries.run_encoded(sql, fmt, max_rows, timeout)
+        except QueryProblem as exc:
+            headers = {"Retry-After": "1"} if exc.status == 503 else {}
+            return _query_error(exc.status, exc.as_dict(), headers)
+        return Response(200, data, FORMATS[fmt], headers={
+            "X-Row-Count": str(result.row_count), "X-Truncated": "true" if result.truncated else "false"})
 
     def _alerts(self, request: Request) -> Response:
         return self._from_store(current_alerts)
@@ -83,3 +140,7 @@ class AdminServer:
     def _metrics(self, request: Request) -> Response:
         return Response(200, self._telemetry.render_prometheus().encode(),
                         "text/plain; version=0.0.4; charset=utf-8")
+
+
+def _query_error(status: int, doc: dict[str, str], headers: dict[str, str] | None = None) -> Response:
+    return Response(status, json.dumps(doc).encode(), "application/json", headers=headers or {})
