@@ -36,10 +36,11 @@ from evaluator.rules.engine import DuckDBState, OutboxEncoder, RuleEngine
 from evaluator.rules.kinds import KINDS
 from evaluator.rules.loader import load_rules
 from evaluator.rules.model import RuleSet
+from evaluator.rules.reach import cut_short
 from evaluator.rules.scheduler import GroupScheduler
 from evaluator.security.auth import Authenticator, TokenError
 from evaluator.store.checkpointer import Checkpointer
-from evaluator.store.retention import RetentionWorker, store_free_bytes
+from evaluator.store.retention import DAY, RetentionWorker, store_free_bytes
 from evaluator.store.store import Store
 from evaluator.store.writer import SpanWriter
 from evaluator.telemetry import Telemetry
@@ -156,6 +157,7 @@ class Daemon:
         with self._lock:
             ruleset = load_rules(list(self.config.rules)) if self.config.rules else RuleSet()
             self.engine.load(ruleset)
+            self._fit_retention(ruleset)
             try:
                 self.store.start()
                 self.checkpointer.start()
@@ -186,6 +188,28 @@ class Daemon:
                 alert_export=self.exporter_endpoint or "none: alerts are stored and logged, not sent",
             )
 
+    def _fit_retention(self, ruleset: RuleSet) -> None:
+        """Raw spans must outlive the longest history a rule reads. Unless store.retention.spans is set, it is
+        lengthened to that history plus a day; when it is set and too short, each rule cut short is logged."""
+        settings = self.config.retention
+        kept = settings.spans_seconds
+        if kept is None or not settings.enabled:
+            return
+        short = cut_short(ruleset, kept)
+        if not short:
+            self.retention.spans_seconds = kept
+            return
+        if settings.spans_configured:
+            for rule_id, reach in short:
+                self.log.warning("a rule reads further back than spans are kept (store.retention.spans): its "
+                                 "history will be cut short", rule=rule_id, reads_days=round(reach / DAY, 2),
+                                 kept_days=round(kept / DAY, 2))
+            return
+        rule_id, reach = max(short, key=lambda item: item[1])
+        self.retention.spans_seconds = reach + DAY
+        self.log.info("raw span retention lengthened to cover the longest rule history", rule=rule_id,
+                      reads_days=round(reach / DAY, 2), kept_days=round((reach + DAY) / DAY, 2))
+
     def reload_rules(self) -> bool:
         """Load the rule files again (SIGHUP). Unchanged rules keep their state; an invalid set is refused and
         the running rules stay. Returns whether the new rules are in force."""
@@ -198,6 +222,7 @@ class Daemon:
                            problems=[str(p) for p in exc.problems])
             return False
         self.engine.load(ruleset)
+        self._fit_retention(ruleset)
         if ruleset.groups:
             self.scheduler.start(ruleset.groups)  # no-op when running
         self.scheduler.reschedule(ruleset.groups)

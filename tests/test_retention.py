@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pytest
+import structlog.testing
 import yaml
 from conftest import RunningDaemon
 from spans import request, span
@@ -210,10 +212,10 @@ def test_retention_config(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     assert load_config(None).retention == RetentionSettings(35 * DAY, 400 * DAY, 3600.0)
     path.write_text("store:\n  retention:\n    spans: 14d\n    alerts: off\n    interval: 10m\n")
-    assert load_config(str(path)).retention == RetentionSettings(14 * DAY, None, 600.0)
+    assert load_config(str(path)).retention == RetentionSettings(14 * DAY, None, 600.0, spans_configured=True)
     path.write_text("store:\n  retention:\n    spans: 0\n    interval: \"off\"\n")
     cfg = load_config(str(path)).retention
-    assert cfg == RetentionSettings(None, 400 * DAY, None) and not cfg.enabled
+    assert cfg == RetentionSettings(None, 400 * DAY, None, spans_configured=True) and not cfg.enabled
     path.write_text("store:\n  retention:\n    spans: forever\n    alerts: -1d\n    interval: 12\n    keep: 1\n")
     with pytest.raises(InvalidConfig) as err:
         load_config(str(path))
@@ -228,4 +230,39 @@ def test_documented_defaults_are_the_defaults(tmp_path: Path) -> None:
     block = yaml.safe_load(doc.split("```yaml\n", 1)[1].split("```", 1)[0])
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"store": {"retention": block["store"]["retention"]}}))
-    assert load_config(str(path)).retention == RetentionSettings()
+    assert load_config(str(path)).retention == RetentionSettings(spans_configured=True)
+
+
+FRAUD_RULES = Path(__file__).resolve().parent.parent / "rules" / "fraud-model.rules.yaml"
+
+
+def test_unset_span_retention_is_lengthened_for_the_rules_and_a_set_one_warns(tmp_path: Path) -> None:
+    """fraud-model reads 7 days of predictions 30 days late: with the 35-day default its oldest week would be
+    deleted under it. Unset, retention grows to that history plus a day; set explicitly, it stays and warns."""
+    old = span(attrs={"ml.score": 0.5}, start=int((NOW - 37.5 * DAY) * 1e9), end=int((NOW - 37.5 * DAY) * 1e9))
+    cfg = loopback_config(tmp_path / "a.duckdb", rules=(str(FRAUD_RULES),))
+    with structlog.testing.capture_logs() as logs:
+        daemon = Daemon(cfg, clock=FakeClock(NOW))
+        daemon.start()
+        try:
+            RunningDaemon(daemon).export(request(old))
+            assert daemon.retention.spans_seconds == 38 * DAY
+            assert daemon.retention.run_once()["spans"] == 0  # 37.5 days old: kept
+        finally:
+            daemon.shutdown()
+    lengthened = [e for e in logs if e["event"].startswith("raw span retention lengthened")]
+    assert [(e["rule"], e["kept_days"]) for e in lengthened] == [("fraud-model/FraudModelAUC", 38.0)]
+
+    explicit = replace(cfg, store=replace(cfg.store, path=str(tmp_path / "b.duckdb")),
+                       retention=RetentionSettings(spans_seconds=35 * DAY, spans_configured=True))
+    with structlog.testing.capture_logs() as logs:
+        daemon = Daemon(explicit, clock=FakeClock(NOW))
+        daemon.start()
+        try:
+            RunningDaemon(daemon).export(request(old))
+            assert daemon.retention.spans_seconds == 35 * DAY
+            assert daemon.retention.run_once()["spans"] == 1
+        finally:
+            daemon.shutdown()
+    warned = sorted(e["rule"] for e in logs if e["event"].startswith("a rule reads further back"))
+    assert warned == ["fraud-model/FraudLabelCoverage", "fraud-model/FraudModelAUC"]

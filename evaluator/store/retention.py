@@ -36,6 +36,7 @@ class RetentionSettings:
     spans_seconds: float | None = 35 * DAY  # raw spans and their attributes; None keeps them forever
     alerts_seconds: float | None = 400 * DAY  # alert history (`alerts`, `quality_values`); None: forever
     interval_seconds: float | None = 3600.0  # how often retention runs; None: never (nothing is deleted)
+    spans_configured: bool = False  # set explicitly; otherwise the daemon lengthens it for rules reaching further
 
     @property
     def enabled(self) -> bool:
@@ -84,6 +85,7 @@ class RetentionWorker(PeriodicWorker):
         self._store = store
         self._clock = clock
         self.settings = settings
+        self.spans_seconds = settings.spans_seconds  # the daemon may lengthen it for the loaded rules
         self._log = log or structlog.get_logger("retention")
         self._deleted = telemetry.counter("retention_deleted_rows_total", "Rows deleted by retention, by table.",
                                           ("table",))
@@ -113,7 +115,7 @@ class RetentionWorker(PeriodicWorker):
         now_us = int(self._clock.now() * 1_000_000)
         deleted: dict[str, int] = {}
         plan: list[tuple[tuple[tuple[str, str], ...], float | None]] = [
-            (SPAN_TABLES, self.settings.spans_seconds), (ALERT_TABLES, self.settings.alerts_seconds)]
+            (SPAN_TABLES, self.spans_seconds), (ALERT_TABLES, self.settings.alerts_seconds)]
         cur = self._store.cursor()
         try:
             for tables, keep in plan:
