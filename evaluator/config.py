@@ -122,9 +122,8 @@ def _read_retention(node: Node, base: RetentionSettings, problems: Problems) -> 
         given, seconds = _read_off_duration(node.get(key), f"store.retention.{key}", problems)
         if given:
             changes[attr] = seconds
-    if "spans_seconds" in changes:
-        return replace(base, spans_configured=True, **changes)
-    return replace(base, **changes)
+    settings = replace(base, **changes)
+    return replace(settings, spans_configured=True) if "spans_seconds" in changes else settings
 
 
 def _read_limits(node: Node, base: SpanLimits, problems: Problems) -> SpanLimits:
