@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from evaluator.admin.server import AdminSettings
 from evaluator.exporter.alertmanager import AlertmanagerSettings
@@ -117,13 +117,12 @@ def _read_off_duration(node: Node | None, key: str, problems: Problems) -> tuple
 
 def _read_retention(node: Node, base: RetentionSettings, problems: Problems) -> RetentionSettings:
     check_keys(node, {"spans", "alerts", "interval"}, problems, "store.retention")
-    changes: dict[str, float | None] = {}
+    changes: dict[str, Any] = {}  # float | None each; Any: mypy cannot tell which field ** fills
     for key, attr in (("spans", "spans_seconds"), ("alerts", "alerts_seconds"), ("interval", "interval_seconds")):
         given, seconds = _read_off_duration(node.get(key), f"store.retention.{key}", problems)
         if given:
             changes[attr] = seconds
-    settings = replace(base, **changes)
-    return replace(settings, spans_configured=True) if "spans_seconds" in changes else settings
+    return replace(base, spans_configured="spans_seconds" in changes or base.spans_configured, **changes)
 
 
 def _read_limits(node: Node, base: SpanLimits, problems: Problems) -> SpanLimits:
