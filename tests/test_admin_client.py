@@ -31,7 +31,8 @@ def echo() -> Iterator[str]:
                                          "method": request.method, "body": body.decode()}).encode(),
                         "application/json")
 
-    server = HttpServer("echo", "127.0.0.1:0", {"/echo": headers, "/refuse": lambda r: text(403, "go away")})
+    server = HttpServer("echo", "127.0.0.1:0", {"/echo": headers, "/refuse": lambda r: text(403, "go away"),
+                                                 "/locked": lambda r: text(401, "bearer token missing")})
     server.start()
     yield f"http://127.0.0.1:{server.port}"
     server.shutdown(1)
@@ -72,3 +73,10 @@ def test_refusal_is_an_error_and_silence_is_unavailable(echo: str) -> None:
         free = s.getsockname()[1]  # closed again when the block ends: nothing listens there
     with pytest.raises(AdminUnavailable, match="no daemon answering"):
         AdminClient(f"http://127.0.0.1:{free}", timeout=2).get_json("/ladder")
+
+
+def test_a_401_says_how_to_pass_a_token(echo: str) -> None:
+    with pytest.raises(AdminError, match=f"--token-file FILE or the {TOKEN_ENV} variable"):
+        AdminClient(echo).get_json("/locked")
+    with pytest.raises(AdminError, match="the token was refused"):
+        AdminClient(echo, token="wrong").get_json("/locked")

@@ -58,7 +58,11 @@ class AdminClient:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout, context=context) as resp:
                 return resp.read(), resp.headers.get("Content-Type", "")
         except urllib.error.HTTPError as exc:
-            raise AdminError(exc.code, exc.read().decode(errors="replace").strip()) from None
+            message = exc.read().decode(errors="replace").strip()
+            if exc.code == 401:
+                message += (f" (this daemon wants a token: --token-file FILE or the {TOKEN_ENV} variable)"
+                            if not self.token else " (the token was refused)")
+            raise AdminError(exc.code, message) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, ssl.SSLError):
