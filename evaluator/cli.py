@@ -176,6 +176,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
                   progress=progress_stream(sys.stderr))
 
 
+def _add_db_fallback(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="PATH", help="the file, when no daemon answers (default ./evaluator.duckdb); "
+                                                "given without --admin, the file is read and no daemon is asked")
+
+
 def _postmortem_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sql", help="run one read-only SQL statement over the store (the daemon's, else the file)",
                        description="Run one read-only statement (SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) over the "
@@ -185,8 +190,7 @@ def _postmortem_parsers(sub: argparse._SubParsersAction) -> None:
                                    "query failed or was refused, 2 no daemon and no readable file, or bad usage.")
     p.add_argument("statement", metavar="SQL", help="the statement, or - to read it from stdin")
     add_admin_arguments(p)
-    p.add_argument("--db", metavar="PATH", help="the file, when no daemon answers (default ./evaluator.duckdb); "
-                                                "given without --admin, the file is read and no daemon is asked")
+    _add_db_fallback(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--max-rows", type=int, metavar="N",
                    help="row limit (default 10000; the daemon allows up to its admin.query.max_rows)")
@@ -204,8 +208,7 @@ def _postmortem_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--since", metavar="TIME",
                    help="only spans (and their attributes) that ended at or after TIME (ISO-8601 or unix seconds)")
     add_admin_arguments(p)
-    p.add_argument("--db", metavar="PATH", help="the file, when no daemon answers (default ./evaluator.duckdb); "
-                                                "given without --admin, the file is read and no daemon is asked")
+    _add_db_fallback(p)
     p.add_argument("--chunk-rows", type=int, default=100_000, metavar="N",
                    help="rows per request to the daemon, and per Parquet row group (default 100000)")
 

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from wire import fx64, ld, tag, varint, vi
 
 from evaluator.receiver import fastdecode
 from evaluator.receiver.columns import ARRAY_SCHEMA, NUMBER_SCHEMA, SPAN_SCHEMA, STRING_SCHEMA, Decoded
@@ -156,37 +157,6 @@ def one(*spans: Span, res: list[KeyValue] | None = None, scope: str | None = "li
 # --------------------------------------------------------------------------------------------------------------
 # wire builders (hand-written bytes: any order, duplicates, unknown fields)
 # --------------------------------------------------------------------------------------------------------------
-def varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def tag(fn: int, wt: int) -> bytes:
-    return varint(fn << 3 | wt)
-
-
-def ld(fn: int, payload: bytes | str) -> bytes:
-    if isinstance(payload, str):
-        payload = payload.encode()
-    return tag(fn, 2) + varint(len(payload)) + payload
-
-
-def vi(fn: int, n: int) -> bytes:
-    return tag(fn, 0) + varint(n)
-
-
-def fx64(fn: int, n: int) -> bytes:
-    return tag(fn, 1) + struct.pack("<Q", n)
-
-
 def dbl(fn: int, x: float) -> bytes:
     return tag(fn, 1) + struct.pack("<d", x)
 

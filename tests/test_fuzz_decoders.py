@@ -33,6 +33,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from spans import request, span
+from wire import fx64, ld, tag, varint
 
 from evaluator.receiver.columns import Decoded
 from evaluator.receiver.decode import DecodeError
@@ -49,37 +50,12 @@ T0 = 1_760_000_000_000_000_000
 
 
 # -- wire-format builders (exact bytes, so the structure can be anything protobuf would never write) ------------
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def tag(field: int, wire_type: int) -> bytes:
-    return varint(field << 3 | wire_type)
-
-
-def ld(field: int, payload: bytes | str) -> bytes:
-    raw = payload.encode() if isinstance(payload, str) else payload
-    return tag(field, 2) + varint(len(raw)) + raw
-
-
-def fixed64(field: int, n: int) -> bytes:
-    return tag(field, 1) + n.to_bytes(8, "little")
-
-
 def kv(key: str, value: bytes) -> bytes:
     return ld(1, key) + ld(2, value)
 
 
 def wire_span(*fields: bytes) -> bytes:
-    ids = ld(1, b"\x01" * 16) + ld(2, b"\x02" * 8) + fixed64(7, T0) + fixed64(8, T0 + 1000)
+    ids = ld(1, b"\x01" * 16) + ld(2, b"\x02" * 8) + fx64(7, T0) + fx64(8, T0 + 1000)
     return ids + b"".join(fields)
 
 
@@ -150,7 +126,7 @@ def json_decodes_or_refuses(body: bytes) -> str:
 
 # -- protobuf strategies ----------------------------------------------------------------------------------------
 KINDS = st.lists(st.sampled_from(["array", "kvlist"]), min_size=1, max_size=400)
-LEAVES = st.sampled_from([tag(3, 0) + b"\x01", ld(1, "x" * 10), fixed64(4, 0x7FF8000000000000), ld(7, b"\xff"), b""])
+LEAVES = st.sampled_from([tag(3, 0) + b"\x01", ld(1, "x" * 10), fx64(4, 0x7FF8000000000000), ld(7, b"\xff"), b""])
 HUGE = st.one_of(st.sampled_from([2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**63 - 1, 2**63, 2**64 - 1]),
                  st.integers(0, 2**64 - 1))
 
@@ -220,7 +196,7 @@ def test_wrong_wire_types_and_varint_overflow(field: tuple[int, str], wire_type:
 
 def _valid_wire() -> bytes:
     attrs = b"".join(ld(9, kv(k, v)) for k, v in (
-        ("data.n", tag(3, 0) + varint(7)), ("data.s", ld(1, "é" * 5)), ("data.d", fixed64(4, 0x3FF0000000000000)),
+        ("data.n", tag(3, 0) + varint(7)), ("data.s", ld(1, "é" * 5)), ("data.d", fx64(4, 0x3FF0000000000000)),
         ("data.arr", ld(5, ld(1, tag(3, 0) + b"\x01") + ld(1, ld(1, "x")))),
         ("data.kv", nested(["kvlist", "array"], ld(1, "deep"))), ("data.b", ld(7, b"\x00\xff"))))
     return wire_request(wire_span(attrs, ld(5, "name"), ld(15, ld(2, "msg") + tag(3, 0) + b"\x02")),

@@ -27,7 +27,7 @@ from evaluator.testing import FakeClock, loopback_config
 DATASET = "payments/transactions_yesterday"
 
 
-def test_ladder_names_freshness_first_from_the_daemon_and_from_the_file(tmp_path: Path) -> None:
+def test_ladder_names_freshness_first_from_the_daemon_and_from_the_file_and_by_service(tmp_path: Path) -> None:
     clock = FakeClock(T0 + 14 * DAY + 7 * 3600)
     db = tmp_path / "ev.duckdb"
     daemon = Daemon(loopback_config(db, rules=(str(RULES),)), clock=clock)
@@ -50,8 +50,17 @@ def test_ladder_names_freshness_first_from_the_daemon_and_from_the_file(tmp_path
         live = subprocess.run([sys.executable, "-m", "evaluator", "ladder", "--admin", admin],
                               capture_output=True, text=True, timeout=60)
         assert live.returncode == 0, live.stderr
+        # by service: the datasets that the service's spans name
+        for service, expected in (("risk-feature-pipeline", [DATASET]), ("payments-api", [])):
+            with urllib.request.urlopen(admin + "/ladder?service=" + service, timeout=5) as resp:
+                assert [lad["dataset"] for lad in json.loads(resp.read())] == expected
     finally:
         daemon.shutdown()
+    base = [sys.executable, "-m", "evaluator", "ladder", "--admin", "http://127.0.0.1:9", "--db", str(db)]
+    mine = subprocess.run([*base, "--service", "risk-feature-pipeline"], capture_output=True, text=True, timeout=60)
+    assert mine.returncode == 0 and mine.stdout.splitlines()[0] == DATASET, mine.stdout + mine.stderr
+    other = subprocess.run([*base, "--service", "fraud-model"], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0 and other.stdout == "no dataset of service fraud-model has alert state yet\n"
     for out in (live.stdout, subprocess.run(
             [sys.executable, "-m", "evaluator", "ladder", "--admin", "http://127.0.0.1:9", "--db", str(db),
              "--dataset", DATASET], capture_output=True, text=True, timeout=60).stdout):
@@ -136,28 +145,6 @@ def test_scheduler_and_on_demand_evaluations_never_go_back_in_time() -> None:
     assert tel.get("rule_group_missed_slots_total").value(group="g") == 0
     assert sched.evaluate_all_now()["groups"] == [{"name": "g", "evaluated_at": "1970-01-01T16:41:00.000Z",
                                                    "rules": 0}]
-
-
-def test_ladder_by_service_keeps_the_datasets_that_service_names(tmp_path: Path) -> None:
-    clock = FakeClock(T0 + 14 * DAY + 7 * 3600)
-    db = tmp_path / "ev.duckdb"
-    daemon = Daemon(loopback_config(db, rules=(str(RULES),)), clock=clock)
-    daemon.start()
-    try:
-        assert daemon.grpc is not None
-        send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
-        daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
-        admin = f"http://127.0.0.1:{daemon.admin.port}"
-        for service, expected in (("risk-feature-pipeline", [DATASET]), ("payments-api", [])):
-            with urllib.request.urlopen(admin + "/ladder?service=" + service, timeout=5) as resp:
-                assert [lad["dataset"] for lad in json.loads(resp.read())] == expected
-    finally:
-        daemon.shutdown()
-    base = [sys.executable, "-m", "evaluator", "ladder", "--admin", "http://127.0.0.1:9", "--db", str(db)]
-    mine = subprocess.run([*base, "--service", "risk-feature-pipeline"], capture_output=True, text=True, timeout=60)
-    assert mine.returncode == 0 and mine.stdout.splitlines()[0] == DATASET, mine.stdout + mine.stderr
-    other = subprocess.run([*base, "--service", "fraud-model"], capture_output=True, text=True, timeout=60)
-    assert other.returncode == 0 and other.stdout == "no dataset of service fraud-model has alert state yet\n"
 
 
 def test_replay_draws_one_progress_line_only_when_asked(tmp_path: Path) -> None:
