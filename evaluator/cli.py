@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import structlog
 
 from evaluator import __version__
-from evaluator.admin.client import add_admin_arguments, client_from_args
+from evaluator.admin.client import add_admin_arguments, client_from_args, source_choice
 from evaluator.log import LEVELS, configure_logging
 
 # Keep the imports above light: importing numpy, grpc or pyarrow starts threads, and `serve` must block its
@@ -69,7 +69,7 @@ def _rule_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--service", metavar="NAME",
                    help="the datasets whose runs come from this service (spans with that service.name naming them)")
     add_admin_arguments(p)
-    p.add_argument("--db", default="./evaluator.duckdb", metavar="PATH", help="the file, when no daemon answers")
+    _add_db_fallback(p)
     p.add_argument("--format", choices=("table", "json"), default="table")
 
     p = sub.add_parser("eval", help="evaluate rules once, at a given time, over a stopped daemon's file",
@@ -108,7 +108,10 @@ def cmd_ladder(args: argparse.Namespace) -> int:
     params = {k: v for k, v in (("dataset", args.dataset), ("service", args.service)) if v}
     query = "?" + urllib.parse.urlencode(params) if params else ""
     ladders: list[DatasetLadder] | None = None
+    file_only, db = source_choice(args)
     try:
+        if file_only:
+            raise AdminUnavailable("--db without --admin: the file is read")
         data = client_from_args(args).get_json("/ladder" + query)
         ladders = [DatasetLadder(d["dataset"], [Rung(**r) for r in d["rungs"]], d["start_here"]) for d in data]
     except AdminUnavailable:
@@ -117,11 +120,12 @@ def cmd_ladder(args: argparse.Namespace) -> int:
         print(f"otel-evaluator: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if ladders is None:
-        store = Store(StoreSettings(path=args.db, read_only=True))
+        store = Store(StoreSettings(path=db, read_only=True))
         try:
             store.start()
         except StoreError as exc:
-            print(f"otel-evaluator: no daemon at {args.admin} and {exc}", file=sys.stderr)
+            print(f"otel-evaluator: {exc}" if file_only else f"otel-evaluator: no daemon at {args.admin} and {exc}",
+                  file=sys.stderr)
             return EXIT_USAGE
         cur = store.cursor()
         try:

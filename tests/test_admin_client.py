@@ -17,6 +17,7 @@ from evaluator.admin.client import (
     AdminUnavailable,
     add_admin_arguments,
     client_from_args,
+    source_choice,
 )
 from evaluator.httpbase import HttpServer, Request, Response, text
 
@@ -80,3 +81,16 @@ def test_a_401_says_how_to_pass_a_token(echo: str) -> None:
         AdminClient(echo).get_json("/locked")
     with pytest.raises(AdminError, match="the token was refused"):
         AdminClient(echo, token="wrong").get_json("/locked")
+
+
+def test_db_without_admin_means_that_file_only() -> None:
+    """ladder, sql and export: a --db given alone is read as is, never mixed up with a live daemon's store."""
+    def args(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        add_admin_arguments(parser)
+        parser.add_argument("--db")
+        return parser.parse_args(list(argv))
+
+    assert source_choice(args()) == (False, "./evaluator.duckdb")
+    assert source_choice(args("--db", "kept.duckdb")) == (True, "kept.duckdb")
+    assert source_choice(args("--db", "kept.duckdb", "--admin", "http://h:1")) == (False, "kept.duckdb")

@@ -104,3 +104,9 @@ def client_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
             raise ValueError(f"--token-file: {args.token_file} holds no token")
         token = lines[0]
     return AdminClient(args.admin, token=token, cacert=args.cacert, cert=args.cert, key=args.key)
+
+
+def source_choice(args: argparse.Namespace) -> tuple[bool, str]:
+    """(read the file without asking a daemon, which file), for commands with a --db fallback: `--db` given
+    without `--admin` means that file, so a kept copy is never mixed up with a live daemon's store."""
+    return args.db is not None and args.admin == DEFAULT_ADMIN, args.db or "./evaluator.duckdb"

@@ -294,8 +294,7 @@ def _export_table(source: Source, out_dir: str, table: str, where: list[str], ch
 
 def export_command(args: Any, stdout: TextIO, stderr: TextIO) -> int:
     """Exit 0 ok, 1 the export failed, 2 no daemon and no readable file, or bad usage."""
-    from evaluator.admin.client import AdminError, AdminUnavailable, client_from_args
-    from evaluator.postmortem.query import source_choice
+    from evaluator.admin.client import AdminError, AdminUnavailable, client_from_args, source_choice
     from evaluator.rules.commands import parse_time, progress_stream
     from evaluator.store.store import StoreError
 

@@ -517,7 +517,7 @@ def _cell(v: Any) -> str:
 def sql_command(args: Any, stdin: Any, stdout: Any, stderr: Any) -> int:
     """`otel-evaluator sql`: ask the daemon's POST /query; when none answers, run it on the file, read-only.
     Exit 0 ok, 1 the query failed or was refused, 2 no daemon and no readable file, or bad usage."""
-    from evaluator.admin.client import AdminError, AdminUnavailable, client_from_args
+    from evaluator.admin.client import AdminError, AdminUnavailable, client_from_args, source_choice
     from evaluator.store.store import Store, StoreError, StoreSettings
 
     file_only, db = source_choice(args)
@@ -573,12 +573,6 @@ def sql_command(args: Any, stdin: Any, stdout: Any, stderr: Any) -> int:
         stdout.write(render_table(doc))
     return 0
 
-
-def source_choice(args: Any) -> tuple[bool, str]:
-    """(read the file without asking a daemon, the file): `--db` given without `--admin` means that file."""
-    from evaluator.admin.client import DEFAULT_ADMIN
-
-    return args.db is not None and args.admin == DEFAULT_ADMIN, args.db or "./evaluator.duckdb"
 
 
 def error_message(body: str) -> str:
