@@ -16,6 +16,7 @@ from evaluator.store.store import Store, StoreSettings
 from evaluator.testing import daemon_process
 
 ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 PORTS = ["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
 
 
@@ -24,6 +25,10 @@ def _sql_blocks() -> list[tuple[str, str]]:
     for doc in sorted((ROOT / "docs").glob("*.md")):
         for i, block in enumerate(re.findall(r"```sql\n(.*?)```", doc.read_text(), re.S)):
             out.append((f"{doc.name}#{i}", block))
+    # and the statements README.md passes to `otel-evaluator sql "..."`
+    statements = re.findall(r'otel-evaluator sql (?:--\S+ \S+ )*"([^"]+)"', README.read_text())
+    for i, statement in enumerate(s for s in statements if "..." not in s):
+        out.append((f"README.md#sql{i}", statement))
     return out
 
 
