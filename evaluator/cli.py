@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import structlog
 
 from evaluator import __version__
-from evaluator.admin.client import add_admin_arguments, client_from_args, source_choice
+from evaluator.admin.client import add_admin_arguments
 from evaluator.log import LEVELS, configure_logging
 
 # Keep the imports above light: importing numpy, grpc or pyarrow starts threads, and `serve` must block its
@@ -99,33 +99,26 @@ def cmd_ladder(args: argparse.Namespace) -> int:
     import json
     import urllib.parse
 
-    from evaluator.admin.client import AdminError, AdminUnavailable
-    from evaluator.postmortem.ladder import DatasetLadder, Rung, build_ladder, render_table
-    from evaluator.store.store import Store, StoreError, StoreSettings
+    from evaluator.admin.client import AdminError, ask_daemon, open_file_store
+    from evaluator.postmortem.ladder import DatasetLadder, build_ladder, render_table
+    from evaluator.store.store import StoreError
 
     configure_logging("warning")
 
     params = {k: v for k, v in (("dataset", args.dataset), ("service", args.service)) if v}
     query = "?" + urllib.parse.urlencode(params) if params else ""
-    ladders: list[DatasetLadder] | None = None
-    file_only, db = source_choice(args)
     try:
-        if file_only:
-            raise AdminUnavailable("--db without --admin: the file is read")
-        data = client_from_args(args).get_json("/ladder" + query)
-        ladders = [DatasetLadder(d["dataset"], [Rung(**r) for r in d["rungs"]], d["start_here"]) for d in data]
-    except AdminUnavailable:
-        pass  # no daemon answering: read the file
+        data = ask_daemon(args, lambda client: client.get_json("/ladder" + query))
     except (AdminError, ValueError) as exc:
         print(f"otel-evaluator: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if ladders is None:
-        store = Store(StoreSettings(path=db, read_only=True))
+    if data is not None:
+        ladders = [DatasetLadder.from_dict(d) for d in data]
+    else:
         try:
-            store.start()
+            store = open_file_store(args)
         except StoreError as exc:
-            print(f"otel-evaluator: {exc}" if file_only else f"otel-evaluator: no daemon at {args.admin} and {exc}",
-                  file=sys.stderr)
+            print(f"otel-evaluator: {exc}", file=sys.stderr)
             return EXIT_USAGE
         cur = store.cursor()
         try:

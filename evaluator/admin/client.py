@@ -13,8 +13,14 @@ import os
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from evaluator.store.store import Store
+
+T = TypeVar("T")
 
 TOKEN_ENV = "OTEL_EVALUATOR_TOKEN"
 DEFAULT_ADMIN = "http://127.0.0.1:13133"
@@ -110,3 +116,31 @@ def source_choice(args: argparse.Namespace) -> tuple[bool, str]:
     """(read the file without asking a daemon, which file), for commands with a --db fallback: `--db` given
     without `--admin` means that file, so a kept copy is never mixed up with a live daemon's store."""
     return args.db is not None and args.admin == DEFAULT_ADMIN, args.db or "./evaluator.duckdb"
+
+
+def ask_daemon(args: argparse.Namespace, call: Callable[[AdminClient], T]) -> T | None:
+    """call(client) against the running daemon, or None when the command should read the file instead: `--db`
+    without `--admin`, or nothing answers. AdminError (it answered: no) and ValueError (a bad token file)
+    propagate."""
+    file_only, _ = source_choice(args)
+    if file_only:
+        return None
+    client = client_from_args(args)
+    try:
+        return call(client)
+    except AdminUnavailable:
+        return None
+
+
+def open_file_store(args: argparse.Namespace) -> Store:
+    """The --db file opened read-only, started. Raises StoreError saying why there is neither a daemon nor a
+    readable file."""
+    from evaluator.store.store import Store, StoreError, StoreSettings
+
+    file_only, db = source_choice(args)
+    store = Store(StoreSettings(path=db, read_only=True))
+    try:
+        store.start()
+    except StoreError as exc:
+        raise StoreError(str(exc) if file_only else f"no daemon at {args.admin} and {exc}") from None
+    return store

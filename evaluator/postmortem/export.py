@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evaluator.store.schema import PUBLIC_TABLES
+from evaluator.store.store import Store
 
 SPAN_TABLES = ("spans", "span_numbers", "span_strings", "span_arrays")
 KEYS = {"spans": "span_key", "span_numbers": "span_key", "span_strings": "span_key", "span_arrays": "span_key",
@@ -143,14 +144,12 @@ class DaemonSource:
 class FileSource:
     """Reads the DuckDB file (read-only) in one transaction: one snapshot."""
 
-    def __init__(self, path: str) -> None:
-        from evaluator.store.store import Store, StoreSettings
-
-        self.store = Store(StoreSettings(path=path, read_only=True))
-        self.store.start()  # StoreError when missing, locked or not a store
+    def __init__(self, store: Store) -> None:
+        """store: started, read-only (evaluator.admin.client.open_file_store); closed by close()."""
+        self.store = store
         self.cur = self.store.cursor()
         self.cur.execute("BEGIN TRANSACTION")
-        self.description = {"mode": "file", "path": os.path.abspath(path)}
+        self.description = {"mode": "file", "path": os.path.abspath(store.settings.path)}
 
     def close(self) -> None:
         self.cur.close()
@@ -294,7 +293,7 @@ def _export_table(source: Source, out_dir: str, table: str, where: list[str], ch
 
 def export_command(args: Any, stdout: TextIO, stderr: TextIO) -> int:
     """Exit 0 ok, 1 the export failed, 2 no daemon and no readable file, or bad usage."""
-    from evaluator.admin.client import AdminError, AdminUnavailable, client_from_args, source_choice
+    from evaluator.admin.client import AdminClient, AdminError, AdminUnavailable, ask_daemon, open_file_store
     from evaluator.rules.commands import parse_time, progress_stream
     from evaluator.store.store import StoreError
 
@@ -315,26 +314,26 @@ def export_command(args: Any, stdout: TextIO, stderr: TextIO) -> int:
             print(f"otel-evaluator: --since: {exc}", file=stderr)
             return 2
     progress = Progress(progress_stream(stderr))
-    file_only, db = source_choice(args)
     source: Source
     file_source: FileSource | None = None
-    try:
-        if file_only:
-            raise AdminUnavailable("--db without --admin: the file is read")
-        client = client_from_args(args)
+    def daemon_source(client: AdminClient) -> DaemonSource:
         client.request("GET", "/healthz")  # is a daemon there?
-        source = DaemonSource(client)
-    except AdminUnavailable:
-        try:
-            file_source = FileSource(db)
-        except StoreError as exc:
-            print(f"otel-evaluator: {exc}" if file_only else f"otel-evaluator: no daemon at {args.admin} and {exc}",
-                  file=stderr)
-            return 2
-        source = file_source
+        return DaemonSource(client)
+
+    try:
+        daemon = ask_daemon(args, daemon_source)
     except (AdminError, ValueError) as exc:
         print(f"otel-evaluator: {exc}", file=stderr)
         return 2
+    if daemon is not None:
+        source = daemon
+    else:
+        try:
+            file_source = FileSource(open_file_store(args))
+        except StoreError as exc:
+            print(f"otel-evaluator: {exc}", file=stderr)
+            return 2
+        source = file_source
     try:
         export(source, args.to, tables, since, args.chunk_rows, stdout, progress)
     except (ExportError, OSError) as exc:

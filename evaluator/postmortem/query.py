@@ -517,10 +517,9 @@ def _cell(v: Any) -> str:
 def sql_command(args: Any, stdin: Any, stdout: Any, stderr: Any) -> int:
     """`otel-evaluator sql`: ask the daemon's POST /query; when none answers, run it on the file, read-only.
     Exit 0 ok, 1 the query failed or was refused, 2 no daemon and no readable file, or bad usage."""
-    from evaluator.admin.client import AdminError, AdminUnavailable, client_from_args, source_choice
-    from evaluator.store.store import Store, StoreError, StoreSettings
+    from evaluator.admin.client import AdminClient, AdminError, ask_daemon, open_file_store
+    from evaluator.store.store import StoreError
 
-    file_only, db = source_choice(args)
     sql = stdin.read() if args.statement == "-" else args.statement
     if not sql.strip():
         print("otel-evaluator: no SQL given (pass a statement, or - to read it from stdin)", file=stderr)
@@ -530,17 +529,16 @@ def sql_command(args: Any, stdin: Any, stdout: Any, stderr: Any) -> int:
         payload["max_rows"] = args.max_rows
     if args.timeout is not None:
         payload["timeout"] = args.timeout
-    doc: dict[str, Any] | None = None
-    try:
-        if file_only:
-            raise AdminUnavailable("--db without --admin: the file is read")
-        client = client_from_args(args)
+
+    def ask(client: AdminClient) -> dict[str, Any]:
         body, _ = client.request("POST", "/query", json.dumps(payload).encode(),
                                  {"Content-Type": "application/json"},
                                  timeout=args.timeout + 30.0 if args.timeout else CLIENT_WAIT_SECONDS)
-        doc = json.loads(body)
-    except AdminUnavailable:
-        pass  # no daemon answering: read the file
+        answer: dict[str, Any] = json.loads(body)
+        return answer
+
+    try:
+        doc = ask_daemon(args, ask)
     except AdminError as exc:
         print(f"otel-evaluator: {error_message(exc.message)}" if exc.status in (400, 413, 503)
               else f"otel-evaluator: {exc}", file=stderr)
@@ -549,12 +547,10 @@ def sql_command(args: Any, stdin: Any, stdout: Any, stderr: Any) -> int:
         print(f"otel-evaluator: {exc}", file=stderr)
         return 2
     if doc is None:
-        store = Store(StoreSettings(path=db, read_only=True))
         try:
-            store.start()
+            store = open_file_store(args)
         except StoreError as exc:
-            print(f"otel-evaluator: {exc}" if file_only else f"otel-evaluator: no daemon at {args.admin} and {exc}",
-                  file=stderr)
+            print(f"otel-evaluator: {exc}", file=stderr)
             return 2
         try:
             doc = QueryRunner(store.cursor).run(sql, args.max_rows, args.timeout).as_dict()
