@@ -240,29 +240,26 @@ def test_unset_span_retention_is_lengthened_for_the_rules_and_a_set_one_warns(tm
     """fraud-model reads 7 days of predictions 30 days late: with the 35-day default its oldest week would be
     deleted under it. Unset, retention grows to that history plus a day; set explicitly, it stays and warns."""
     old = span(attrs={"ml.score": 0.5}, start=int((NOW - 37.5 * DAY) * 1e9), end=int((NOW - 37.5 * DAY) * 1e9))
+
+    def run(cfg: Any) -> tuple[float | None, int, list[dict[str, Any]]]:
+        """(span retention in force, spans one retention run deleted, the logs) for a daemon holding `old`."""
+        with structlog.testing.capture_logs() as logs:
+            daemon = Daemon(cfg, clock=FakeClock(NOW))
+            daemon.start()
+            try:
+                RunningDaemon(daemon).export(request(old))
+                return daemon.retention.spans_seconds, daemon.retention.run_once()["spans"], logs
+            finally:
+                daemon.shutdown()
+
     cfg = loopback_config(tmp_path / "a.duckdb", rules=(str(FRAUD_RULES),))
-    with structlog.testing.capture_logs() as logs:
-        daemon = Daemon(cfg, clock=FakeClock(NOW))
-        daemon.start()
-        try:
-            RunningDaemon(daemon).export(request(old))
-            assert daemon.retention.spans_seconds == 38 * DAY
-            assert daemon.retention.run_once()["spans"] == 0  # 37.5 days old: kept
-        finally:
-            daemon.shutdown()
+    kept, deleted, logs = run(cfg)
+    assert (kept, deleted) == (38 * DAY, 0)  # 37.5 days old: kept
     lengthened = [e for e in logs if e["event"].startswith("raw span retention lengthened")]
     assert [(e["rule"], e["kept_days"]) for e in lengthened] == [("fraud-model/FraudModelAUC", 38.0)]
 
-    explicit = replace(cfg, store=replace(cfg.store, path=str(tmp_path / "b.duckdb")),
-                       retention=RetentionSettings(spans_seconds=35 * DAY, spans_configured=True))
-    with structlog.testing.capture_logs() as logs:
-        daemon = Daemon(explicit, clock=FakeClock(NOW))
-        daemon.start()
-        try:
-            RunningDaemon(daemon).export(request(old))
-            assert daemon.retention.spans_seconds == 35 * DAY
-            assert daemon.retention.run_once()["spans"] == 1
-        finally:
-            daemon.shutdown()
+    kept, deleted, logs = run(replace(cfg, store=replace(cfg.store, path=str(tmp_path / "b.duckdb")),
+                                      retention=RetentionSettings(spans_seconds=35 * DAY, spans_configured=True)))
+    assert (kept, deleted) == (35 * DAY, 1)
     warned = sorted(e["rule"] for e in logs if e["event"].startswith("a rule reads further back"))
     assert warned == ["fraud-model/FraudLabelCoverage", "fraud-model/FraudModelAUC"]
