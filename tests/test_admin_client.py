@@ -16,6 +16,7 @@ from evaluator.admin.client import (
     AdminError,
     AdminUnavailable,
     add_admin_arguments,
+    ask_daemon,
     client_from_args,
     source_choice,
 )
@@ -94,3 +95,25 @@ def test_db_without_admin_means_that_file_only() -> None:
     assert source_choice(args()) == (False, "./evaluator.duckdb")
     assert source_choice(args("--db", "kept.duckdb")) == (True, "kept.duckdb")
     assert source_choice(args("--db", "kept.duckdb", "--admin", "http://h:1")) == (False, "kept.duckdb")
+
+
+def test_ask_daemon_does_not_ask_with_db_alone_and_falls_back_when_nothing_answers(echo: str) -> None:
+    def args(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        add_admin_arguments(parser)
+        parser.add_argument("--db")
+        return parser.parse_args(list(argv))
+
+    calls: list[str] = []
+
+    def call(client: AdminClient) -> object:
+        calls.append(client.url)
+        return client.get_json("/echo")
+
+    assert ask_daemon(args("--db", "kept.duckdb"), call) is None and calls == []
+    assert ask_daemon(args("--admin", echo), call) == {"authorization": None, "method": "GET", "body": ""}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    assert ask_daemon(args("--admin", f"http://127.0.0.1:{free}"), call) is None
+    assert calls == [echo, f"http://127.0.0.1:{free}"]
