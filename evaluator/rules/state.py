@@ -44,6 +44,8 @@ class Transition:
     run_at: float | None  # the run that caused it (per-run kinds)
     spans: tuple[tuple[str, str], ...] = ()
     detail: str = ""
+    evaluated_at: float | None = None  # the evaluation that decided it (at is when it happened in data time)
+    started_at: float | None = None  # the firing episode's start (fired_at), on firing and resolved transitions
 
 
 @dataclass
