@@ -50,34 +50,106 @@ enum {
     M_REQ, M_RS, M_RES, M_KV, M_ANY, M_ARR, M_KVL, M_ENT, M_SS, M_SCOPE, M_SPAN, M_EVENT, M_LINK, M_STATUS,
     M_COUNT
 };
+enum { M_NONE = 0 }; /* the sub-message of a field that is not a message (not read) */
 enum { K_NONE, K_VARINT, K_I64, K_I32, K_STR, K_BYTES, K_MSG };
+enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
 #define MAX_FIELD 16
+
+/* The wire type a field of each kind is written with (none of the fields is a packed repeated scalar). */
+#define WT_OF(kind) ((kind) == K_VARINT ? WT_VARINT : (kind) == K_I64 ? WT_I64 : (kind) == K_I32 ? WT_I32 : WT_LEN)
+#define TAG(fn, wt) ((uint32_t)(fn) << 3 | (uint32_t)(wt))
+
+/* Every field of every message the decoder walks, and nothing else states a field number or wire type:
+ *
+ *     X(message, field, number, kind, sub-message)
+ *
+ * `message` and `sub-message` are the M_ names without "M_" (MSG_NAMES below has their full names), `field` is
+ * the field's name in the .proto file. The list is the OTLP version the decoder implements; tests/test_proto.py
+ * reads these lines and checks each against the .proto files in proto/ (number, wire type, type and
+ * sub-message, and that no field of these messages is missing). From it come:
+ *   SCHEMA[M_<message>][number]  what validate() knows of the field (strings are UTF-8 checked, messages walked);
+ *   TAG_<message>_<field>         number << 3 | wire type, what the extraction compares a field's tag with;
+ *   FN_<message>_<field>          the number alone (the AnyValue oneof members are told apart by it). */
+#define OTLP_FIELDS(X) \
+    X(REQ, resource_spans, 1, K_MSG, RS) \
+    X(RS, resource, 1, K_MSG, RES) \
+    X(RS, scope_spans, 2, K_MSG, SS) \
+    X(RS, schema_url, 3, K_STR, NONE) \
+    X(RES, attributes, 1, K_MSG, KV) \
+    X(RES, dropped_attributes_count, 2, K_VARINT, NONE) \
+    X(RES, entity_refs, 3, K_MSG, ENT) \
+    X(KV, key, 1, K_STR, NONE) \
+    X(KV, value, 2, K_MSG, ANY) \
+    X(KV, key_strindex, 3, K_VARINT, NONE) \
+    X(ANY, string_value, 1, K_STR, NONE) \
+    X(ANY, bool_value, 2, K_VARINT, NONE) \
+    X(ANY, int_value, 3, K_VARINT, NONE) \
+    X(ANY, double_value, 4, K_I64, NONE) \
+    X(ANY, array_value, 5, K_MSG, ARR) \
+    X(ANY, kvlist_value, 6, K_MSG, KVL) \
+    X(ANY, bytes_value, 7, K_BYTES, NONE) \
+    X(ANY, string_value_strindex, 8, K_VARINT, NONE) \
+    X(ARR, values, 1, K_MSG, ANY) \
+    X(KVL, values, 1, K_MSG, KV) \
+    X(ENT, schema_url, 1, K_STR, NONE) \
+    X(ENT, type, 2, K_STR, NONE) \
+    X(ENT, id_keys, 3, K_STR, NONE) \
+    X(ENT, description_keys, 4, K_STR, NONE) \
+    X(SS, scope, 1, K_MSG, SCOPE) \
+    X(SS, spans, 2, K_MSG, SPAN) \
+    X(SS, schema_url, 3, K_STR, NONE) \
+    X(SCOPE, name, 1, K_STR, NONE) \
+    X(SCOPE, version, 2, K_STR, NONE) \
+    X(SCOPE, attributes, 3, K_MSG, KV) \
+    X(SCOPE, dropped_attributes_count, 4, K_VARINT, NONE) \
+    X(SPAN, trace_id, 1, K_BYTES, NONE) \
+    X(SPAN, span_id, 2, K_BYTES, NONE) \
+    X(SPAN, trace_state, 3, K_STR, NONE) \
+    X(SPAN, parent_span_id, 4, K_BYTES, NONE) \
+    X(SPAN, name, 5, K_STR, NONE) \
+    X(SPAN, kind, 6, K_VARINT, NONE) \
+    X(SPAN, start_time_unix_nano, 7, K_I64, NONE) \
+    X(SPAN, end_time_unix_nano, 8, K_I64, NONE) \
+    X(SPAN, attributes, 9, K_MSG, KV) \
+    X(SPAN, dropped_attributes_count, 10, K_VARINT, NONE) \
+    X(SPAN, events, 11, K_MSG, EVENT) \
+    X(SPAN, dropped_events_count, 12, K_VARINT, NONE) \
+    X(SPAN, links, 13, K_MSG, LINK) \
+    X(SPAN, dropped_links_count, 14, K_VARINT, NONE) \
+    X(SPAN, status, 15, K_MSG, STATUS) \
+    X(SPAN, flags, 16, K_I32, NONE) \
+    X(EVENT, time_unix_nano, 1, K_I64, NONE) \
+    X(EVENT, name, 2, K_STR, NONE) \
+    X(EVENT, attributes, 3, K_MSG, KV) \
+    X(EVENT, dropped_attributes_count, 4, K_VARINT, NONE) \
+    X(LINK, trace_id, 1, K_BYTES, NONE) \
+    X(LINK, span_id, 2, K_BYTES, NONE) \
+    X(LINK, trace_state, 3, K_STR, NONE) \
+    X(LINK, attributes, 4, K_MSG, KV) \
+    X(LINK, dropped_attributes_count, 5, K_VARINT, NONE) \
+    X(LINK, flags, 6, K_I32, NONE) \
+    X(STATUS, message, 2, K_STR, NONE) \
+    X(STATUS, code, 3, K_VARINT, NONE)
+
+#define FIELD_TAG(m, field, fn, kind, sub) TAG_##m##_##field = TAG(fn, WT_OF(kind)),
+#define FIELD_FN(m, field, fn, kind, sub) FN_##m##_##field = fn,
+#define FIELD_SCHEMA(m, field, fn, kind, sub) [M_##m][fn] = {kind, M_##sub},
+#define FIELD_ROW(m, field, fn, kind, sub) {M_##m, #field, TAG_##m##_##field},
+enum { OTLP_FIELDS(FIELD_TAG) };
+enum { OTLP_FIELDS(FIELD_FN) };
 
 typedef struct {
     unsigned char kind, sub;
 } FieldDef;
 
-static const FieldDef SCHEMA[M_COUNT][MAX_FIELD + 1] = {
-    [M_REQ] = {[1] = {K_MSG, M_RS}},
-    [M_RS] = {[1] = {K_MSG, M_RES}, [2] = {K_MSG, M_SS}, [3] = {K_STR, 0}},
-    [M_RES] = {[1] = {K_MSG, M_KV}, [2] = {K_VARINT, 0}, [3] = {K_MSG, M_ENT}},
-    [M_KV] = {[1] = {K_STR, 0}, [2] = {K_MSG, M_ANY}, [3] = {K_VARINT, 0}},
-    [M_ANY] = {[1] = {K_STR, 0}, [2] = {K_VARINT, 0}, [3] = {K_VARINT, 0}, [4] = {K_I64, 0},
-               [5] = {K_MSG, M_ARR}, [6] = {K_MSG, M_KVL}, [7] = {K_BYTES, 0}, [8] = {K_VARINT, 0}},
-    [M_ARR] = {[1] = {K_MSG, M_ANY}},
-    [M_KVL] = {[1] = {K_MSG, M_KV}},
-    [M_ENT] = {[1] = {K_STR, 0}, [2] = {K_STR, 0}, [3] = {K_STR, 0}, [4] = {K_STR, 0}},
-    [M_SS] = {[1] = {K_MSG, M_SCOPE}, [2] = {K_MSG, M_SPAN}, [3] = {K_STR, 0}},
-    [M_SCOPE] = {[1] = {K_STR, 0}, [2] = {K_STR, 0}, [3] = {K_MSG, M_KV}, [4] = {K_VARINT, 0}},
-    [M_SPAN] = {[1] = {K_BYTES, 0}, [2] = {K_BYTES, 0}, [3] = {K_STR, 0}, [4] = {K_BYTES, 0},
-                [5] = {K_STR, 0}, [6] = {K_VARINT, 0}, [7] = {K_I64, 0}, [8] = {K_I64, 0},
-                [9] = {K_MSG, M_KV}, [10] = {K_VARINT, 0}, [11] = {K_MSG, M_EVENT}, [12] = {K_VARINT, 0},
-                [13] = {K_MSG, M_LINK}, [14] = {K_VARINT, 0}, [15] = {K_MSG, M_STATUS}, [16] = {K_I32, 0}},
-    [M_EVENT] = {[1] = {K_I64, 0}, [2] = {K_STR, 0}, [3] = {K_MSG, M_KV}, [4] = {K_VARINT, 0}},
-    [M_LINK] = {[1] = {K_BYTES, 0}, [2] = {K_BYTES, 0}, [3] = {K_STR, 0}, [4] = {K_MSG, M_KV},
-                [5] = {K_VARINT, 0}, [6] = {K_I32, 0}},
-    [M_STATUS] = {[2] = {K_STR, 0}, [3] = {K_VARINT, 0}},
-};
+static const FieldDef SCHEMA[M_COUNT][MAX_FIELD + 1] = {OTLP_FIELDS(FIELD_SCHEMA)};
+
+/* The same list as compiled (the tags as the extraction sees them), for _fields(). */
+static const struct {
+    int msg;
+    const char *field;
+    uint32_t tag;
+} FIELDS[] = {OTLP_FIELDS(FIELD_ROW)};
 
 static const char *const MSG_NAMES[M_COUNT] = {
     [M_REQ] = "opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest",
@@ -105,7 +177,6 @@ static const char *const KIND_NAMES[] = {
 /* Wire primitives (every read is bounds-checked)                                                             */
 /* ---------------------------------------------------------------------------------------------------------- */
 
-enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
 enum { E_MALFORMED = -1, E_UTF8 = -2, E_DEPTH = -3 };
 
 HOT int
@@ -226,7 +297,6 @@ typedef struct {
     size_t len;
 } Fld;
 
-#define TAG(fn, wt) ((uint32_t)(fn) << 3 | (uint32_t)(wt))
 #define FN(f) ((f).tag >> 3)
 #define WT(f) ((int)((f).tag & 7))
 
@@ -711,7 +781,7 @@ prefix_match(const St *st, const uint8_t *k, size_t n)
     return 0;
 }
 
-/* The key of a KeyValue: the last occurrence of field 1. */
+/* The key of a KeyValue: the last occurrence of the field. */
 static int
 kv_key(const uint8_t *p, const uint8_t *end, Bytes *key)
 {
@@ -720,7 +790,7 @@ kv_key(const uint8_t *p, const uint8_t *end, Bytes *key)
     key->n = 0;
     while (p < end) {
         if (next_field(&p, end, &f) < 0) return malformed();
-        if (f.tag == TAG(1, WT_LEN)) {
+        if (f.tag == TAG_KV_key) {
             key->p = f.data;
             key->n = f.len;
         }
@@ -733,9 +803,9 @@ static inline int
 any_member(const Fld *f)
 {
     switch (f->tag) {
-    case TAG(1, WT_LEN): case TAG(5, WT_LEN): case TAG(6, WT_LEN): case TAG(7, WT_LEN):
-    case TAG(2, WT_VARINT): case TAG(3, WT_VARINT): case TAG(8, WT_VARINT):
-    case TAG(4, WT_I64):
+    case TAG_ANY_string_value: case TAG_ANY_bool_value: case TAG_ANY_int_value: case TAG_ANY_double_value:
+    case TAG_ANY_array_value: case TAG_ANY_kvlist_value: case TAG_ANY_bytes_value:
+    case TAG_ANY_string_value_strindex:
         return (int)FN(*f);
     default:
         return 0;
@@ -759,14 +829,21 @@ any_last(const uint8_t *p, const uint8_t *end, int *member, Fld *last)
     return 0;
 }
 
+static inline int
+is_number_member(int member)
+{
+    return member == FN_ANY_bool_value || member == FN_ANY_int_value || member == FN_ANY_double_value;
+}
+
+/* The value of a bool, int or double member as stored (a double). */
 static inline double
 num_of(int member, uint64_t v)
 {
     double d;
     switch (member) {
-    case 2:
+    case FN_ANY_bool_value:
         return v ? 1.0 : 0.0;
-    case 3:
+    case FN_ANY_int_value:
         return (double)(int64_t)v;
     default:
         memcpy(&d, &v, 8);
@@ -814,14 +891,14 @@ add_array(St *st, Bytes key, int32_t idx, const uint8_t *run, const uint8_t *vst
     const uint8_t *q = run;
     while (q < vend) { /* classify the elements */
         if (next_field(&q, vend, &f) < 0) return malformed();
-        if (f.tag != TAG(5, WT_LEN)) continue;
+        if (f.tag != TAG_ANY_array_value) continue;
         const uint8_t *a = f.data, *aend = f.data + f.len;
         while (a < aend) {
             if (next_field(&a, aend, &e) < 0) return malformed();
-            if (e.tag != TAG(1, WT_LEN)) continue;
+            if (e.tag != TAG_ARR_values) continue;
             if (any_last(e.data, e.data + e.len, &member, &last) < 0) return -1;
-            if (member < 2 || member > 4) all_num = 0;
-            if (member != 1) all_str = 0;
+            if (!is_number_member(member)) all_num = 0;
+            if (member != FN_ANY_string_value) all_str = 0;
         }
     }
     if (put_i32(&st->arr_idx, idx) < 0 || str_put(st, &st->arr_key, key.p, key.n) < 0) return -1;
@@ -829,11 +906,11 @@ add_array(St *st, Bytes key, int32_t idx, const uint8_t *run, const uint8_t *vst
         q = run;
         while (q < vend) {
             if (next_field(&q, vend, &f) < 0) return malformed();
-            if (f.tag != TAG(5, WT_LEN)) continue;
+            if (f.tag != TAG_ANY_array_value) continue;
             const uint8_t *a = f.data, *aend = f.data + f.len;
             while (a < aend) {
                 if (next_field(&a, aend, &e) < 0) return malformed();
-                if (e.tag != TAG(1, WT_LEN)) continue;
+                if (e.tag != TAG_ARR_values) continue;
                 if (any_last(e.data, e.data + e.len, &member, &last) < 0) return -1;
                 if (all_num) {
                     double d = num_of(member, last.v);
@@ -891,22 +968,22 @@ add_value(St *st, Bytes key, int32_t idx, const uint8_t *vp, const uint8_t *vend
     switch (member) {
     case 0:
         return 0;
-    case 1:
+    case FN_ANY_string_value:
         if (add_str_row(st, key, idx) < 0) return -1;
         return str_put(st, &st->str_val, last.data, last.len);
-    case 7:
+    case FN_ANY_bytes_value:
         if (add_str_row(st, key, idx) < 0) return -1;
         return str_put_hex(st, &st->str_val, last.data, last.len);
-    case 6: case 8: {
+    case FN_ANY_kvlist_value: case FN_ANY_string_value_strindex: {
         PyObject *text = call_value_fn(st, vp, (size_t)(vend - vp), &PyUnicode_Type);
         if (!text) return -1;
         int r = (add_str_row(st, key, idx) < 0 || str_put_obj(st, &st->str_val, text) < 0) ? -1 : 0;
         Py_DECREF(text);
         return r;
     }
-    case 5:
+    case FN_ANY_array_value:
         return add_array(st, key, idx, run, vp, vend, bad);
-    default: { /* 2 bool, 3 int, 4 double */
+    default: { /* bool, int, double */
         double d = num_of(member, last.v);
         if (put_i32(&st->num_idx, idx) < 0 || str_put(st, &st->num_key, key.p, key.n) < 0 ||
             put_f64(&st->num_val, d) < 0) {
@@ -929,11 +1006,11 @@ add_kv(St *st, const uint8_t *p, const uint8_t *end, int32_t idx, PyObject **bad
     const uint8_t *q = p;
     while (q < end) {
         if (next_field(&q, end, &f) < 0) return malformed();
-        if (f.tag == TAG(1, WT_LEN)) {
+        if (f.tag == TAG_KV_key) {
             key.p = f.data;
             key.n = f.len;
         }
-        else if (f.tag == TAG(2, WT_LEN)) {
+        else if (f.tag == TAG_KV_value) {
             if (!nvals) {
                 val.p = f.data;
                 val.n = f.len;
@@ -957,7 +1034,7 @@ add_kv(St *st, const uint8_t *p, const uint8_t *end, int32_t idx, PyObject **bad
             PyMem_Free(buf);
             return malformed();
         }
-        if (f.tag == TAG(2, WT_LEN) && off + f.len <= total) {
+        if (f.tag == TAG_KV_value && off + f.len <= total) {
             if (f.len) memcpy(buf + off, f.data, f.len);
             off += f.len;
         }
@@ -1028,7 +1105,7 @@ resource_fields(St *st, Rs *rs)
     const uint8_t *q = rs->p;
     while (q < rs->end) {
         if (next_field(&q, rs->end, &f) < 0) return malformed();
-        if (f.tag == TAG(1, WT_LEN)) total += f.len;
+        if (f.tag == TAG_RS_resource) total += f.len;
     }
     if (total >= PY_SSIZE_T_MAX) return malformed();
     PyObject *raw = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
@@ -1041,7 +1118,7 @@ resource_fields(St *st, Rs *rs)
             Py_DECREF(raw);
             return malformed();
         }
-        if (f.tag == TAG(1, WT_LEN) && off + f.len <= total) {
+        if (f.tag == TAG_RS_resource && off + f.len <= total) {
             if (f.len) memcpy(dst + off, f.data, f.len);
             off += f.len;
         }
@@ -1097,49 +1174,49 @@ add_span(St *st, Rs *rs, Bytes scope, const uint8_t *p, const uint8_t *end)
     while (q < end) {
         if (next_field(&q, end, &f) < 0) return malformed();
         switch (f.tag) { /* a known field with another wire type is an unknown field */
-        case TAG(1, WT_LEN):
+        case TAG_SPAN_trace_id:
             tid.p = f.data;
             tid.n = f.len;
             break;
-        case TAG(2, WT_LEN):
+        case TAG_SPAN_span_id:
             sid.p = f.data;
             sid.n = f.len;
             break;
-        case TAG(4, WT_LEN):
+        case TAG_SPAN_parent_span_id:
             pid.p = f.data;
             pid.n = f.len;
             break;
-        case TAG(5, WT_LEN):
+        case TAG_SPAN_name:
             name.p = f.data;
             name.n = f.len;
             break;
-        case TAG(6, WT_VARINT): /* an int32 enum: upb keeps the low 32 bits of the varint (open enum: any value) */
+        case TAG_SPAN_kind: /* an int32 enum: upb keeps the low 32 bits of the varint (open enum: any value) */
             kind = (int32_t)(uint32_t)f.v;
             break;
-        case TAG(7, WT_I64):
+        case TAG_SPAN_start_time_unix_nano:
             start = f.v;
             break;
-        case TAG(8, WT_I64):
+        case TAG_SPAN_end_time_unix_nano:
             stop = f.v;
             break;
-        case TAG(9, WT_LEN):
+        case TAG_SPAN_attributes:
             if (!keep) {
                 Bytes key;
                 if (kv_key(f.data, f.data + f.len, &key) < 0) return -1;
                 keep = prefix_match(st, key.p, key.n);
             }
             break;
-        case TAG(15, WT_LEN): /* status: merged field by field */
+        case TAG_SPAN_status: /* status: merged field by field */
             {
                 Fld g;
                 const uint8_t *s = f.data, *send = f.data + f.len;
                 while (s < send) {
                     if (next_field(&s, send, &g) < 0) return malformed();
-                    if (g.tag == TAG(2, WT_LEN)) {
+                    if (g.tag == TAG_STATUS_message) {
                         smsg.p = g.data;
                         smsg.n = g.len;
                     }
-                    else if (g.tag == TAG(3, WT_VARINT)) {
+                    else if (g.tag == TAG_STATUS_code) {
                         code = (int32_t)(uint32_t)g.v;
                     }
                 }
@@ -1174,7 +1251,7 @@ add_span(St *st, Rs *rs, Bytes scope, const uint8_t *p, const uint8_t *end)
             Py_XDECREF(bad);
             return malformed();
         }
-        if (f.tag == TAG(9, WT_LEN) && add_kv(st, f.data, f.data + f.len, idx, &bad) < 0) {
+        if (f.tag == TAG_SPAN_attributes && add_kv(st, f.data, f.data + f.len, idx, &bad) < 0) {
             Py_XDECREF(bad);
             return -1;
         }
@@ -1208,11 +1285,11 @@ add_scope_spans(St *st, Rs *rs, const uint8_t *p, const uint8_t *end)
     const uint8_t *q = p;
     while (q < end) { /* the scope (merged over its occurrences, wherever they are) */
         if (next_field(&q, end, &f) < 0) return malformed();
-        if (f.tag != TAG(1, WT_LEN)) continue;
+        if (f.tag != TAG_SS_scope) continue;
         const uint8_t *s = f.data, *send = f.data + f.len;
         while (s < send) {
             if (next_field(&s, send, &g) < 0) return malformed();
-            if (g.tag == TAG(1, WT_LEN)) {
+            if (g.tag == TAG_SCOPE_name) {
                 name.p = g.data;
                 name.n = g.len;
             }
@@ -1221,7 +1298,7 @@ add_scope_spans(St *st, Rs *rs, const uint8_t *p, const uint8_t *end)
     q = p;
     while (q < end) {
         if (next_field(&q, end, &f) < 0) return malformed();
-        if (f.tag == TAG(2, WT_LEN) && add_span(st, rs, name, f.data, f.data + f.len) < 0) return -1;
+        if (f.tag == TAG_SS_spans && add_span(st, rs, name, f.data, f.data + f.len) < 0) return -1;
     }
     return 0;
 }
@@ -1241,7 +1318,7 @@ add_resource_spans(St *st, const uint8_t *p, const uint8_t *end)
             r = malformed();
             break;
         }
-        if (f.tag == TAG(2, WT_LEN) && add_scope_spans(st, &rs, f.data, f.data + f.len) < 0) {
+        if (f.tag == TAG_RS_scope_spans && add_scope_spans(st, &rs, f.data, f.data + f.len) < 0) {
             r = -1;
             break;
         }
@@ -1501,7 +1578,7 @@ fd_decode(PyObject *Py_UNUSED(self), PyObject *args)
             malformed();
             goto done;
         }
-        if (f.tag == TAG(1, WT_LEN) && add_resource_spans(&st, f.data, f.data + f.len) < 0) goto done;
+        if (f.tag == TAG_REQ_resource_spans && add_resource_spans(&st, f.data, f.data + f.len) < 0) goto done;
     }
 
     PyObject *items[5] = {result_tables(&st), PyLong_FromSsize_t(st.received), PyLong_FromSsize_t(st.dropped),
@@ -1545,6 +1622,26 @@ fd_schema(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
     return out;
 }
 
+/* ((message, field, number, wire type), ...): the OTLP_FIELDS list as compiled, the numbers and wire types taken
+ * back out of the TAG_ constants the extraction compares with. */
+static PyObject *
+fd_fields(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
+{
+    Py_ssize_t n = (Py_ssize_t)(sizeof FIELDS / sizeof *FIELDS);
+    PyObject *out = PyTuple_New(n);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = Py_BuildValue("(ssII)", MSG_NAMES[FIELDS[i].msg], FIELDS[i].field,
+                                      (unsigned int)(FIELDS[i].tag >> 3), (unsigned int)(FIELDS[i].tag & 7));
+        if (!row) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, row);
+    }
+    return out;
+}
+
 PyDoc_STRVAR(decode_doc,
              "decode(data, prefixes, resource_fn, value_fn, max_text=2**31-1) -> tuple\n\n"
              "Decode serialized ExportTraceServiceRequest bytes into Arrow buffers:\n"
@@ -1561,6 +1658,7 @@ PyDoc_STRVAR(decode_doc,
 static PyMethodDef methods[] = {
     {"decode", fd_decode, METH_VARARGS, decode_doc},
     {"_schema", fd_schema, METH_NOARGS, "The wire schema the decoder validates against (for tests)."},
+    {"_fields", fd_fields, METH_NOARGS, "The fields the decoder knows with their numbers and wire types (for tests)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -24,6 +26,31 @@ _ZERO_SPAN = bytes(8)
 _MAX_REASONS = 5  # how many rejected spans the partial_success message names
 _MAX_NAME = 100  # span names quoted in a reason are cut to this many characters (then "…")
 _MAX_MESSAGE = 4096  # the whole partial_success message, in characters
+
+# What this module assumes of OTLP. It reads requests through the generated classes, so the field numbers and wire
+# types are those of the installed opentelemetry-proto descriptors (tests/test_proto.py holds them to the .proto
+# files in proto/). What it states itself is how it tells the members of the AnyValue oneof apart: by name, each
+# read as the .proto type given here. tests/test_proto.py checks these names and types against proto/ as well; a
+# renamed member would otherwise just stop matching. string_value_strindex, not named here, is kept as text
+# through _any_to_json like any member without a branch of its own.
+_ANY_ONEOF: Final = "value"
+_STRING: Final = "string_value"
+_BOOL: Final = "bool_value"
+_INT: Final = "int_value"
+_DOUBLE: Final = "double_value"
+_ARRAY: Final = "array_value"
+_KVLIST: Final = "kvlist_value"
+_BYTES: Final = "bytes_value"
+ANY_VALUE_MEMBERS: Final[Mapping[str, str]] = MappingProxyType({
+    _STRING: "string",
+    _BOOL: "bool",
+    _INT: "int64",
+    _DOUBLE: "double",
+    _ARRAY: "opentelemetry.proto.common.v1.ArrayValue",
+    _KVLIST: "opentelemetry.proto.common.v1.KeyValueList",
+    _BYTES: "bytes",
+})
+_NUMERIC: Final = frozenset({_DOUBLE, _INT, _BOOL})  # stored as numbers (bool as 0/1)
 
 
 @dataclass
@@ -96,16 +123,16 @@ def quote_name(name: str) -> str:
 
 def _any_to_json(v: Any) -> Any:
     """An AnyValue as plain JSON data (used for the rare kvlist/array-of-mixed values and resources)."""
-    which = v.WhichOneof("value")
+    which = v.WhichOneof(_ANY_ONEOF)
     if which is None:
         return None
-    if which == "array_value":
+    if which == _ARRAY:
         return [_any_to_json(x) for x in v.array_value.values]
-    if which == "kvlist_value":
+    if which == _KVLIST:
         return {kv.key: _any_to_json(kv.value) for kv in v.kvlist_value.values}
-    if which == "bytes_value":
+    if which == _BYTES:
         return v.bytes_value.hex()
-    if which == "double_value":
+    if which == _DOUBLE:
         d = v.double_value
         return d if math.isfinite(d) else str(d)
     return getattr(v, which)
@@ -136,6 +163,8 @@ def decode_request(
     str_span, str_key, str_value = batch.str_span, batch.str_key, batch.str_value
     arr_span, arr_key, arr_numbers, arr_strings = batch.arr_span, batch.arr_key, batch.arr_numbers, batch.arr_strings
     isfinite = math.isfinite
+    oneof: Final = _ANY_ONEOF
+    string, double, int_, bool_, array = _STRING, _DOUBLE, _INT, _BOOL, _ARRAY
     keep_all = prefixes is None
     pfx = prefixes or ()
     received = dropped = 0
@@ -159,27 +188,27 @@ def decode_request(
                     if not keep and key.startswith(pfx):
                         keep = True
                     v = kv.value
-                    which = v.WhichOneof("value")
-                    if which == "string_value":
+                    which = v.WhichOneof(oneof)
+                    if which == string:
                         str_span.append(idx)
                         str_key.append(key)
                         str_value.append(v.string_value)
-                    elif which == "double_value":
+                    elif which == double:
                         d = v.double_value
                         if not isfinite(d):
                             bad = f"attribute {key} is not a finite number ({d})"
                         num_span.append(idx)
                         num_key.append(key)
                         num_value.append(d)
-                    elif which == "int_value":
+                    elif which == int_:
                         num_span.append(idx)
                         num_key.append(key)
                         num_value.append(float(v.int_value))
-                    elif which == "bool_value":
+                    elif which == bool_:
                         num_span.append(idx)
                         num_key.append(key)
                         num_value.append(1.0 if v.bool_value else 0.0)
-                    elif which == "array_value":
+                    elif which == array:
                         bad = _append_array(v.array_value.values, key, idx, arr_span, arr_key, arr_numbers,
                                             arr_strings) or bad
                     elif which is not None:  # bytes or kvlist: kept as text
@@ -247,11 +276,11 @@ def _append_array(
     arr_strings: list[list[str] | None],
 ) -> str | None:
     """Append one array attribute; returns why the span is invalid, or None."""
-    kinds = {x.WhichOneof("value") for x in values}
+    kinds = {x.WhichOneof(_ANY_ONEOF) for x in values}
     arr_span.append(idx)
     arr_key.append(key)
-    if kinds <= {"double_value", "int_value", "bool_value"}:
-        nums = [float(getattr(x, x.WhichOneof("value"))) for x in values]
+    if kinds <= _NUMERIC:
+        nums = [float(getattr(x, x.WhichOneof(_ANY_ONEOF))) for x in values]
         arr_numbers.append(nums)
         arr_strings.append(None)
         if not all(math.isfinite(n) for n in nums):
@@ -259,7 +288,7 @@ def _append_array(
         return None
     arr_numbers.append(None)
     arr_strings.append([
-        x.string_value if x.WhichOneof("value") == "string_value" else json.dumps(_any_to_json(x))
+        x.string_value if x.WhichOneof(_ANY_ONEOF) == _STRING else json.dumps(_any_to_json(x))
         for x in values
     ])
     return None
