@@ -6,11 +6,21 @@ graceful stop (finish requests in flight, close idle keep-alive connections) mor
 TLS (optional) is negotiated in each connection's own thread, never in the accept loop, so a slow or broken
 client cannot hold up the others. Bearer-token auth (optional) is checked here, before any route, for every
 path but `open_paths`: a route added later is protected without doing anything.
+
+Message framing follows RFC 9112 strictly, because a lenient parser is how a body gets smuggled past a proxy or
+grows without bound: the header section, Content-Length and Transfer-Encoding are checked before any route runs;
+chunk-size lines, the CRLF after each chunk and the trailer section as the body is read. A request whose framing
+is wrong is answered (400, or 501 for a transfer coding we do not implement) and its connection closed: what
+follows it on the connection cannot be trusted to start a request. However the client frames the body, it never
+grows past the limit the route reads it with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
+import re
 import socket
 import ssl
 import threading
@@ -33,7 +43,24 @@ class BodyTooLarge(Exception):
 
 
 class BadRequest(Exception):
-    pass
+    """The request cannot be read as HTTP/1.1 says it must be; `status` is the answer (400, 408 or 501)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How the request body is delimited (RFC 9112 section 6.3): chunked, or `length` bytes (0: no body)."""
+
+    chunked: bool = False
+    length: int = 0
+    shown: str = "0"  # the Content-Length as sent, for messages
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or self.length > 0
 
 
 @dataclass
@@ -45,7 +72,8 @@ class Request:
     _handler: _Handler
 
     def read_body(self, limit: int) -> bytes:
-        """The whole body, refusing more than `limit` bytes (checked against Content-Length before reading)."""
+        """The whole body, refusing more than `limit` bytes however it is framed (checked against Content-Length
+        before reading; for chunked bodies, before each chunk is read). Raises BodyTooLarge, BadRequest."""
         return self._handler.read_body(limit)
 
 
@@ -60,7 +88,23 @@ class Response:
 Route = Callable[[Request], Response]
 DISCARD_BODY_BYTES = 64 * 1024
 LINGER_SECONDS = 1.0
+IDLE_TIMEOUT_SECONDS = 60.0  # an idle keep-alive connection, or a body that stalls, is given up after this
+MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line with its extensions, without the CRLF
+MAX_TRAILER_BYTES = 16 * 1024  # the whole trailer section, CRLFs included
+READ_PIECE_BYTES = 1024 * 1024  # a chunk is read in pieces of this size, so a short one allocates little
 Unauthorized = Callable[[Request, str], Response]  # (request, message) -> the 401 answer, in the route's format
+# (request, status, message) -> the answer to a request whose framing is wrong, in the route's format
+Rejected = Callable[[Request, int, str], Response]
+
+# RFC 9112 section 7.1: chunk = chunk-size [ chunk-ext ] CRLF, chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS
+# value ] ), value = token / quoted-string. The size is bare hex: no sign, no 0x, no whitespace before it.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|"
+                         + _QUOTED + rb"))?)*")
+_FIELD_LINE = re.compile(_TOKEN + rb":[^\r\n]*")
+_DIGITS = re.compile(r"[0-9]+")
+_MAX_LENGTH_DIGITS = 19  # more is over any limit; int() would refuse past 4300 digits
 
 
 def text(status: int, message: str, **headers: str) -> Response:
@@ -70,12 +114,14 @@ def text(status: int, message: str, **headers: str) -> Response:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
-    timeout = 60  # an idle keep-alive connection is closed after this many seconds
+    timeout = IDLE_TIMEOUT_SECONDS  # the class default; setup() puts the owner's idle_timeout on the socket
 
     def setup(self) -> None:
         super().setup()
+        self.connection.settimeout(self.server.owner.idle_timeout)
         self.busy = False
         self.body_read = False
+        self.framing: Framing | None = None  # None: not known yet, or the framing is wrong
         self.server.track(self, True)
 
     def finish(self) -> None:
@@ -87,67 +133,151 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # no access log: the counters say what happened
 
+    # -- framing (RFC 9112 sections 6 and 7) -----------------------------------------------------------------
+    def _parse_framing(self) -> Framing:
+        """How the body is delimited, from the header section; raises BadRequest when that cannot be trusted."""
+        headers = self.headers
+        if headers.defects or headers.get_payload() or any("\n" in value for value in headers.values()):
+            # http.server silently drops every field after a line like "Transfer-Encoding : chunked" (space
+            # before the colon) and keeps obs-fold continuation lines: RFC 9112 section 5 says reject both.
+            raise BadRequest("malformed header section: a line that is not name:value (no whitespace before the "
+                             "colon) or a folded line")
+        codings = headers.get_all("Transfer-Encoding")
+        lengths = headers.get_all("Content-Length")
+        if codings is not None:
+            return self._transfer_coding(codings, lengths is not None)
+        if lengths is None:
+            return Framing()  # a request without either has no body (RFC 9112 section 6.3)
+        if len(lengths) > 1 or "," in lengths[0]:
+            raise BadRequest(f"Content-Length sent more than once ({_quote(', '.join(lengths))}): send it once")
+        raw = lengths[0].strip(" \t")
+        if not _DIGITS.fullmatch(raw):
+            raise BadRequest(f"bad Content-Length {_quote(raw)}: a number of bytes (digits only) expected")
+        digits = raw.lstrip("0") or "0"
+        if len(digits) > _MAX_LENGTH_DIGITS:
+            return Framing(length=10**_MAX_LENGTH_DIGITS, shown=f"a {len(digits)}-digit number of")
+        return Framing(length=int(digits), shown=digits)
+
+    def _transfer_coding(self, values: list[str], with_length: bool) -> Framing:
+        if self.request_version == "HTTP/1.0":
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request: its framing cannot be trusted "
+                             "(RFC 9112 section 6.1)")
+        if with_length:
+            # RFC 9112 section 6.1 lets a server reject this or let Transfer-Encoding win. It is the shape of a
+            # request-smuggling attempt (a proxy in front may have used the other length) and no OTLP client
+            # or admin client sends it, so it is refused rather than guessed at.
+            raise BadRequest("both Content-Length and Transfer-Encoding: the body length is ambiguous "
+                             "(RFC 9112 section 6.1); send one of them")
+        codings = [c.strip(" \t").lower() for value in values for c in value.split(",")]
+        codings = [c for c in codings if c]
+        if not codings or codings[-1] != "chunked":
+            raise BadRequest(f"Transfer-Encoding {_quote(', '.join(values))} does not end in chunked: the body "
+                             "length cannot be determined (RFC 9112 section 6.3)")
+        if "chunked" in codings[:-1]:
+            raise BadRequest("Transfer-Encoding applies chunked more than once")
+        if len(codings) > 1:
+            raise BadRequest(f"transfer coding {_quote(codings[0])} is not implemented: send Transfer-Encoding: "
+                             "chunked alone (compress the content with Content-Encoding: gzip)", 501)
+        return Framing(chunked=True)
+
+    # -- the body ----------------------------------------------------------------------------------------------
     def read_body(self, limit: int) -> bytes:
         self.body_read = True
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return self._read_chunked(limit)
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return b""
+        framing = self.framing or Framing()
         try:
-            length = int(raw)
-        except ValueError:
-            raise BadRequest(f"bad Content-Length {raw!r}") from None
-        if length < 0:
-            raise BadRequest(f"bad Content-Length {raw!r}")
-        if length > limit:
-            self.close_connection = True  # the unread body must not be parsed as the next request
-            raise BodyTooLarge(f"body is {length} bytes, over the limit of {limit} bytes")
-        data = self.rfile.read(length)
-        if len(data) != length:
+            if framing.chunked:
+                return self._read_chunked(limit)
+            if framing.length > limit:
+                raise BodyTooLarge(f"body is {framing.shown} bytes, over the limit of {limit} bytes")
+            data = self.rfile.read(framing.length)
+            if len(data) != framing.length:
+                raise BadRequest(f"body ended after {len(data)} of its {framing.length} bytes (Content-Length)")
+            return data
+        except (BodyTooLarge, BadRequest):
+            self.close_connection = True  # the rest of the body must not be parsed as the next request
+            raise
+        except TimeoutError:
             self.close_connection = True
-            raise BadRequest("body ended before Content-Length bytes")
-        return data
+            raise BadRequest(f"the body stalled: nothing came for {self.server.owner.idle_timeout:g} s",
+                             408) from None
+        except OSError:
+            self.close_connection = True
+            raise BadRequest("the connection failed while the body was read") from None
 
     def _read_chunked(self, limit: int) -> bytes:
-        out = bytearray()
+        """Each chunk is checked against the limit before it is read, and read in pieces (a chunk that ends
+        early allocates only what came); extensions and trailers are read and dropped."""
+        body = io.BytesIO()
+        while size := self._chunk_size():
+            if body.tell() + size > limit:
+                raise BodyTooLarge(f"chunked body is over the limit of {limit} bytes")
+            left = size
+            while left:
+                piece = self.rfile.read(min(left, READ_PIECE_BYTES))
+                if not piece:
+                    raise BadRequest(f"body ended inside a chunk ({left} of its {size} bytes missing)")
+                body.write(piece)
+                left -= len(piece)
+            if self.rfile.read(2) != b"\r\n":
+                raise BadRequest(f"chunk data is not followed by CRLF: the chunk is longer than its size ({size}) "
+                                 "or ends in a bare LF")
+        self._read_trailers()
+        return body.getvalue()
+
+    def _chunk_size(self) -> int:
+        line = self.rfile.readline(MAX_CHUNK_LINE_BYTES + 2)
+        if not line.endswith(b"\n"):
+            if len(line) >= MAX_CHUNK_LINE_BYTES + 2:
+                raise BadRequest(f"chunk-size line is over {MAX_CHUNK_LINE_BYTES} bytes")
+            raise BadRequest("body ended before its last chunk (a chunk of size 0)")
+        if not line.endswith(b"\r\n"):
+            raise BadRequest("chunk-size line ends in a bare LF: HTTP lines end in CRLF")
+        match = _CHUNK_LINE.fullmatch(line, 0, len(line) - 2)
+        if match is None:
+            raise BadRequest(f"bad chunk-size line {_quote(line[:-2])}: a chunk size is hexadecimal digits only "
+                             "(no sign, 0x or spaces), optionally followed by ;name=value extensions")
+        return int(match.group(1), 16)
+
+    def _read_trailers(self) -> None:
+        """The trailer section (RFC 9112 section 7.1.2): field lines up to an empty line, MAX_TRAILER_BYTES in all.
+        None of our routes uses a trailer field, so they are checked and dropped."""
+        used = 0
         while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise BadRequest("bad chunked encoding") from None
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                return bytes(out)
-            if len(out) + size > limit:
-                self.close_connection = True
-                raise BodyTooLarge(f"body is over the limit of {limit} bytes")
-            out += self.rfile.read(size)
-            self.rfile.readline(1024)
+            line = self.rfile.readline(MAX_TRAILER_BYTES - used + 1)
+            used += len(line)
+            if used > MAX_TRAILER_BYTES:
+                raise BadRequest(f"trailer section is over {MAX_TRAILER_BYTES} bytes")
+            if not line.endswith(b"\n"):
+                raise BadRequest("body ended in the trailer section: an empty line must follow the last chunk")
+            if not line.endswith(b"\r\n"):
+                raise BadRequest("trailer line ends in a bare LF: HTTP lines end in CRLF")
+            if line == b"\r\n":
+                return
+            if not _FIELD_LINE.fullmatch(line, 0, len(line) - 2):
+                raise BadRequest(f"bad trailer line {_quote(line[:-2])}: name:value expected")
 
     def _dispatch(self) -> None:
         self.busy = True
         self.body_read = False
+        self.framing = None
         try:
+            self.framing = self._parse_framing()
             response = self.server.handle(self)
         except BodyTooLarge as exc:
             response = text(413, str(exc))
         except BadRequest as exc:
-            response = text(400, str(exc))
             self.close_connection = True
+            response = self.server.bad_request(self, exc)
         except Exception as exc:  # a bug in a route must not kill the connection thread silently
             self.server.log.exception("http handler failed", path=self.path)
             response = text(500, f"internal error: {type(exc).__name__}")
-        if not self.body_read and (self.headers.get("Content-Length") not in (None, "0")
-                                   or self.headers.get("Transfer-Encoding")):
+            self.close_connection = True  # where the route left the body unread is not known
+        if not self.body_read and self.framing is not None and self.framing.has_body:
             # The route did not read the body (a 401, 404, 405): a small one is read and dropped so the connection
             # stays usable and closing it cannot reset the answer away; a large one closes the connection.
             try:
                 self.read_body(DISCARD_BODY_BYTES)
-            except (BodyTooLarge, BadRequest, OSError):
+            except (BodyTooLarge, BadRequest):
                 self.close_connection = True
         if self.server.closing:
             self.close_connection = True
@@ -225,10 +355,9 @@ class _Server(ThreadingHTTPServer):
         if self.connection_count() > self.owner.max_connections:
             handler.close_connection = True
             return text(503, "too many connections; retry later", **{"Retry-After": "1"})
-        split = urlsplit(handler.path)
-        request = Request(handler.command, split.path, parse_qs(split.query), handler.headers, handler)
+        request = _request(handler)
         owner = self.owner
-        if owner.auth is not None and split.path not in owner.open_paths:
+        if owner.auth is not None and request.path not in owner.open_paths:
             reason = owner.auth.check(handler.headers.get("Authorization"), owner.label,
                                       peer=str(handler.client_address[0]))
             if reason is not None:
@@ -237,10 +366,16 @@ class _Server(ThreadingHTTPServer):
                 response.headers.setdefault("WWW-Authenticate", 'Bearer realm="otel-evaluator"'
                                             + ("" if reason == "missing" else ', error="invalid_token"'))
                 return response
-        route = owner.routes.get(split.path)
+        route = owner.routes.get(request.path)
         if route is None:
-            return text(404, f"no such path {split.path}")
+            return text(404, f"no such path {request.path}")
         return route(request)
+
+    def bad_request(self, handler: _Handler, exc: BadRequest) -> Response:
+        """The answer to a request whose framing is wrong, in the owner's format (and counted) when it says."""
+        if self.owner.rejected is None:
+            return text(exc.status, str(exc))
+        return self.owner.rejected(_request(handler), exc.status, str(exc))
 
     def close_idle(self, wait: float) -> None:
         """Close keep-alive connections between requests; wait up to `wait` s for busy ones to finish."""
@@ -250,6 +385,17 @@ class _Server(ThreadingHTTPServer):
                     with contextlib.suppress(OSError):
                         h.connection.shutdown(socket.SHUT_RDWR)
             self._idle.wait_for(lambda: not self._conns, timeout=wait)
+
+
+def _request(handler: _Handler) -> Request:
+    split = urlsplit(handler.path)
+    return Request(handler.command, split.path, parse_qs(split.query), handler.headers, handler)
+
+
+def _quote(raw: bytes | str, keep: int = 40) -> str:
+    """Client bytes for an error message: quoted, escaped, cut to `keep` characters."""
+    value = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    return json.dumps(value[:keep] + ("..." if len(value) > keep else ""))
 
 
 def _linger_close(sock: socket.socket) -> None:
@@ -279,12 +425,16 @@ class HttpServer:
         auth: Authenticator | None = None,
         open_paths: Iterable[str] = (),
         unauthorized: Unauthorized | None = None,
+        rejected: Rejected | None = None,
         telemetry: Telemetry | None = None,
         label: str | None = None,
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
     ) -> None:
         """tls: serve HTTPS (mTLS with client_ca_file). auth: require a bearer token on every path but
-        open_paths; unauthorized(request, message) makes the 401 body (default text). label: the `server` label
-        of the auth and TLS counters (default: name). start() raises OSError for unusable TLS files."""
+        open_paths; unauthorized(request, message) makes the 401 body (default text). rejected(request, status,
+        message) makes (and counts) the answer to a request with wrong framing (default text). label: the
+        `server` label of the auth and TLS counters (default: name). idle_timeout: seconds an idle keep-alive
+        connection, or a stalled body (408), is waited for. start() raises OSError for unusable TLS files."""
         self.name = name
         self.label = label or name
         self.listen = listen
@@ -296,6 +446,8 @@ class HttpServer:
         self.auth = auth
         self.open_paths = frozenset(open_paths)
         self.unauthorized = unauthorized
+        self.rejected = rejected
+        self.idle_timeout = idle_timeout
         self.handshake_failures = (telemetry or Telemetry()).counter(
             "tls_handshake_failures_total", "TLS handshakes that failed (plain-text client, untrusted or missing "
             "client certificate, timeout).", ("server",))

@@ -10,6 +10,7 @@ import math
 import zlib
 from dataclasses import dataclass
 
+import grpc
 import structlog
 from google.protobuf import json_format
 from google.rpc import status_pb2
@@ -36,17 +37,29 @@ class HttpSettings:
 
 
 def gunzip_limited(data: bytes, limit: int) -> bytes:
-    """Decompress gzip, refusing output over `limit` bytes without inflating it all (zip bombs)."""
-    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise DecodeError(f"body is not valid gzip: {exc}") from None
-    if len(out) > limit:
-        raise BodyTooLarge(f"body is over the limit of {limit} bytes after decompression")
-    if not d.eof:
-        raise DecodeError("gzip body is truncated")
-    return out
+    """Decompress gzip, refusing output over `limit` bytes without inflating it all (zip bombs).
+
+    Every member of a multi-member body (RFC 1952 section 2.2: members concatenated, as `gzip.decompress` and the
+    Go and Java readers accept) is decompressed, within the same limit: stopping after the first member would
+    drop the rest of the request without a word."""
+    parts: list[bytes] = []
+    size = 0
+    rest = data
+    while True:
+        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            part = d.decompress(rest, limit + 1 - size)  # never 0 (which means unlimited): size <= limit here
+        except zlib.error as exc:
+            raise DecodeError(f"body is not valid gzip: {exc}") from None
+        size += len(part)
+        if size > limit:
+            raise BodyTooLarge(f"body is over the limit of {limit} bytes after decompression")
+        parts.append(part)
+        if not d.eof:
+            raise DecodeError("gzip body is truncated")
+        rest = d.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class HttpReceiver:
@@ -64,7 +77,8 @@ class HttpReceiver:
         self.settings = settings
         self.server = HttpServer("otlp http receiver", settings.listen, {"/v1/traces": self._traces},
                                  max_connections=settings.max_connections, log=log, tls=settings.tls, auth=auth,
-                                 unauthorized=_unauthorized, telemetry=telemetry, label="http")
+                                 unauthorized=_unauthorized, rejected=self._bad_framing, telemetry=telemetry,
+                                 label="http")
 
     @property
     def port(self) -> int | None:
@@ -106,6 +120,9 @@ class HttpReceiver:
                     message = parse_json_request(body)
                 except DecodeError as exc:
                     raise self._ingestor.refuse(Refusal.UNDECODABLE, str(exc), "http") from None
+                except MemoryError:
+                    raise self._ingestor.refuse(Refusal.OUT_OF_MEMORY, f"not enough memory to parse this request "
+                                                f"({len(body)} bytes); send smaller requests", "http") from None
                 result = self._ingestor.export_message(message, len(body), "http")
             else:
                 result = self._ingestor.export_protobuf(body, "http")
@@ -122,6 +139,15 @@ class HttpReceiver:
         if as_json:
             return Response(200, json_format.MessageToJson(response, indent=None).encode(), JSON)
         return Response(200, response.SerializeToString(), PROTOBUF)
+
+    def _bad_framing(self, request: Request, status: int, message: str) -> Response:
+        """A request whose HTTP framing is wrong (httpbase): counted as refused, answered with a google.rpc.Status
+        like every other failure."""
+        refused = self._ingestor.refuse(Refusal.BAD_FRAMING, message, "http")
+        media = (request.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        code = {408: grpc.StatusCode.DEADLINE_EXCEEDED, 501: grpc.StatusCode.UNIMPLEMENTED}.get(
+            status, refused.kind.grpc_code)
+        return _status_response(status, refused.message, media == JSON, code=code.value[0])
 
 
 def _unauthorized(request: Request, message: str) -> Response:

@@ -145,11 +145,13 @@ class Ingestor:
             )
         try:
             try:
-                result: Decoded = decode()
+                result: Decoded = self._limit(decode(), wire)
             except DecodeError as exc:
                 raise self.refuse(Refusal.UNDECODABLE, f"cannot decode ExportTraceServiceRequest: {exc}",
                                   transport) from None
-            result = self._limit(result, wire)
+            except MemoryError:  # the C decoder, protobuf and Arrow raise it when an allocation fails
+                raise self.refuse(Refusal.OUT_OF_MEMORY, f"not enough memory to decode this request ({size} "
+                                  "bytes); send smaller requests", transport) from None
             if len(result.columns):
                 columns = result.columns
                 try:
