@@ -4,7 +4,11 @@
   real rule loader;
 - the Collector configs: every pipeline component is defined, memory_limiter comes first, the exporter to the
   evaluator uses gzip, a persistent queue on a declared file_storage extension, retries, the bearer token;
-- the sharded Collector routes by service to exactly the shards of the sharded StatefulSet;
+- the sharded Collector routes to exactly the shards of the sharded StatefulSet, by attributes that a
+  prediction and its label span both carry (as docs/deployment.md tells producers to set them);
+- every Collector config, and the README's snippet, keeps pipeline runs, predictions and label spans: their
+  filter conditions (OTTL) are evaluated on sample spans built from docs/deployment.md's table; the README's
+  snippet filters exactly as deploy/collector/collector.yaml; no config names a deprecated component alias;
 - the StatefulSets: one writer, a claim mounted where --db points, probes on the admin port, non-root,
   read-only root, grace above shutdown_grace, DuckDB's memory limit at most half the container's;
 - ports 4317/4318/13133 agree across the Dockerfile, Services, container ports and the daemon's arguments;
@@ -27,7 +31,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -374,12 +379,27 @@ def _type(component_id: str) -> str:
 
 def _evaluator_exporters(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: v or {} for k, v in cfg["exporters"].items()
-            if k.startswith("otlp/evaluator") or _type(k) in ("loadbalancing", "load_balancing")}
+            if (_type(k) in ("otlp", "otlp_grpc") and k.endswith("/evaluator"))
+            or _type(k) in ("loadbalancing", "load_balancing")}
 
 
-@pytest.mark.parametrize("path", COLLECTOR_CONFIGS, ids=[str(p.relative_to(DEPLOY)) for p in COLLECTOR_CONFIGS])
-def test_collector_pipelines_are_complete(path: Path) -> None:
-    cfg = yaml.safe_load(path.read_text())
+def readme_collector_snippet() -> str:
+    """The YAML block of README.md's "Behind an OpenTelemetry Collector" section."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Behind an OpenTelemetry Collector"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block, "README.md: the Collector snippet"
+    return block.group(1)
+
+
+# Every shipped Collector config, and the README's snippet (a complete config of the evaluator's pipeline).
+COLLECTOR_TEXTS: dict[str, Callable[[], str]] = {str(p.relative_to(DEPLOY)): p.read_text for p in COLLECTOR_CONFIGS}
+COLLECTOR_TEXTS["README.md"] = readme_collector_snippet
+
+
+@pytest.mark.parametrize("name", sorted(COLLECTOR_TEXTS))
+def test_collector_pipelines_are_complete(name: str) -> None:
+    cfg = yaml.safe_load(COLLECTOR_TEXTS[name]())
     service = cfg["service"]
     for ext in service.get("extensions", []):
         assert ext in (cfg.get("extensions") or {}), f"extension {ext} is not configured"
@@ -437,11 +457,10 @@ def _duration(value: str | int) -> float:
     return int(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
-def test_sharded_collector_routes_by_service_to_every_shard() -> None:
+def test_sharded_collector_routes_to_every_shard() -> None:
     cfg = yaml.safe_load((DEPLOY / "k8s" / "sharded" / "collector.yaml").read_text())
     (exporter_id, lb), = _evaluator_exporters(cfg).items()
     assert _type(exporter_id) in ("loadbalancing", "load_balancing")
-    assert lb["routing_key"] == "service"
     sts = _one(SHARDED, "StatefulSet")
     namespace = sts["metadata"]["namespace"]
     headless = _headless_service_of(SHARDED, sts)
@@ -489,13 +508,278 @@ def _is_excerpt(part: Any, whole: Any, where: str = "") -> None:
 
 
 @pytest.mark.parametrize("heading,path", [("## Behind an OpenTelemetry Collector", COLLECTOR_CONFIGS[0]),
-                                          ("## Scale-out by service", COLLECTOR_CONFIGS[1])])
+                                          ("## Scale-out by model and dataset", COLLECTOR_CONFIGS[1])])
 def test_docs_collector_excerpts_match_the_files(heading: str, path: Path) -> None:
     doc = (ROOT / "docs" / "deployment.md").read_text()
     section = doc[doc.index(heading):]
     block = re.search(r"```yaml\n(.*?)```", section, re.S)
     assert block, heading
     _is_excerpt(yaml.safe_load(block.group(1)), yaml.safe_load(path.read_text()))
+
+
+# -- what the Collector lets through, and where it routes it ---------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleSpan:
+    """A span as the Collector sees it: its name, its resource's and its own attributes."""
+
+    kind: str
+    name: str
+    resource: dict[str, Any]
+    attributes: dict[str, Any]
+
+
+_OTTL_TOKEN = re.compile(r'\s*(?:(?P<string>"(?:[^"\\]|\\.)*")|(?P<number>-?\d+(?:\.\d+)?)'
+                         r'|(?P<op>==|!=|[()\[\]])|(?P<word>[A-Za-z_][A-Za-z0-9_.]*))')
+SpanCondition = Callable[[SampleSpan], Any]
+
+
+class Ottl:
+    """The part of OTTL the shipped filters use, evaluated for real: `and`, `or`, `not`, parentheses, `==`,
+    `!=`, string, number, bool and nil literals, and the span context's `attributes["k"]`,
+    `resource.attributes["k"]` and `name` (a missing attribute is nil). Anything else raises, so a new construct
+    in a filter fails this test until it is taught here, instead of being guessed at."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens: list[tuple[str, str]] = []
+        pos = 0
+        while pos < len(text.rstrip()):
+            m = _OTTL_TOKEN.match(text, pos)
+            assert m and m.lastgroup, f"OTTL this test does not know at {text[pos:]!r}"
+            self.tokens.append((m.lastgroup, m.group(m.lastgroup)))
+            pos = m.end()
+        self.at = 0
+
+    def condition(self) -> SpanCondition:
+        result = self._or()
+        assert self.at == len(self.tokens), f"unexpected {self.tokens[self.at:]} in {self.text!r}"
+        return result
+
+    def _peek(self) -> tuple[str, str] | None:
+        return self.tokens[self.at] if self.at < len(self.tokens) else None
+
+    def _take(self, value: str | None = None) -> tuple[str, str]:
+        token = self._peek()
+        assert token is not None and (value is None or token[1] == value), f"expected {value!r} in {self.text!r}"
+        self.at += 1
+        return token
+
+    def _or(self) -> SpanCondition:
+        parts = [self._and()]
+        while self._peek() == ("word", "or"):
+            self._take()
+            parts.append(self._and())
+        return parts[0] if len(parts) == 1 else (lambda s: any(_truth(p(s)) for p in parts))
+
+    def _and(self) -> SpanCondition:
+        parts = [self._not()]
+        while self._peek() == ("word", "and"):
+            self._take()
+            parts.append(self._not())
+        return parts[0] if len(parts) == 1 else (lambda s: all(_truth(p(s)) for p in parts))
+
+    def _not(self) -> SpanCondition:
+        if self._peek() == ("word", "not"):
+            self._take()
+            inner = self._not()
+            return lambda s: not _truth(inner(s))
+        left = self._term()
+        token = self._peek()
+        if token is None or token[1] not in ("==", "!="):
+            return left
+        op = self._take()[1]
+        right = self._term()
+        if op == "==":
+            return lambda s: _equal(left(s), right(s))
+        return lambda s: not _equal(left(s), right(s))
+
+    def _term(self) -> SpanCondition:
+        kind, value = self._take()
+        if value == "(":
+            inner = self._or()
+            self._take(")")
+            return inner
+        if kind == "string":
+            text = json.loads(value)
+            return lambda s: text
+        if kind == "number":
+            number = float(value) if "." in value else int(value)
+            return lambda s: number
+        if kind == "word" and value in ("nil", "true", "false"):
+            constant = {"nil": None, "true": True, "false": False}[value]
+            return lambda s: constant
+        if kind == "word" and value in ("attributes", "span.attributes", "resource.attributes"):
+            self._take("[")
+            key = json.loads(self._take()[1])
+            self._take("]")
+            if value == "resource.attributes":
+                return lambda s: s.resource.get(key)
+            return lambda s: s.attributes.get(key)
+        if kind == "word" and value in ("name", "span.name"):
+            return lambda s: s.name
+        raise AssertionError(f"OTTL path or literal {value!r} is not known to this test ({self.text!r})")
+
+
+def _truth(value: Any) -> bool:
+    assert isinstance(value, bool), f"an OTTL condition must be boolean, got {value!r}"
+    return value
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return bool(a == b)
+
+
+def _filter_drops(processor: dict[str, Any]) -> list[SpanCondition]:
+    """The conditions of a filter processor that drop a span (a span is dropped when any is true)."""
+    unknown = set(processor) - {"error_mode", "traces"}
+    assert not unknown, f"filter settings this test does not evaluate: {unknown}"
+    traces = processor.get("traces") or {}
+    assert set(traces) <= {"span"}, f"filter settings this test does not evaluate: {set(traces) - {'span'}}"
+    return [Ottl(condition).condition() for condition in traces.get("span") or []]
+
+
+def evaluator_keeps(cfg: dict[str, Any], span: SampleSpan) -> bool:
+    """Whether every pipeline to the evaluator lets the span through its filter processors."""
+    exporters = set(_evaluator_exporters(cfg))
+    pipelines = [p for p in cfg["service"]["pipelines"].values() if exporters & set(p["exporters"])]
+    assert pipelines, "a pipeline to the evaluator"
+    for pipeline in pipelines:
+        for processor in pipeline.get("processors", []):
+            drops = _filter_drops(cfg["processors"][processor] or {}) if _type(processor) == "filter" else []
+            if any(_truth(drop(span)) for drop in drops):
+                return False
+    return True
+
+
+def documented_span_attributes() -> dict[str, list[str]]:
+    """docs/deployment.md's "Instrumenting" table: the kind of span -> the attributes it must carry."""
+    doc = (ROOT / "docs" / "deployment.md").read_text()
+    section = doc[doc.index("## Instrumenting: what each span carries"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    table = {cells[0].strip(): re.findall(r"`([^`]+)`", cells[1]) for cells in rows[1:]}
+    assert set(table) == {"pipeline run", "prediction", "label"}, table
+    return table
+
+
+# Sample values: a prediction of the fraud model, its label from the chargebacks service, runs of two datasets.
+SAMPLE_VALUES: dict[str, Any] = {"data.dataset": "payments/transactions_yesterday", "ml.prediction_id": "p-1",
+                                 "ml.score": 0.91, "ml.label": 1, "ml.model.name": "fraud-model",
+                                 "ml.model.version": "v7"}
+
+
+def documented_samples() -> dict[str, SampleSpan]:
+    attrs = documented_span_attributes()
+    for names in attrs.values():
+        assert set(names) <= set(SAMPLE_VALUES), f"no sample value for {set(names) - set(SAMPLE_VALUES)}"
+
+    def make(kind: str, name: str, service: str) -> SampleSpan:
+        return SampleSpan(kind, name, {"service.name": service}, {k: SAMPLE_VALUES[k] for k in attrs[kind]})
+
+    return {
+        "pipeline run": make("pipeline run", "features.daily.run", "risk-feature-pipeline"),
+        "prediction": make("prediction", "model.predict", "fraud-model"),
+        "label": make("label", "chargeback.confirmed", "chargebacks"),
+        # what a single evaluator needs of a label span: the id and the label, nothing else
+        "bare label": SampleSpan("label", "review.done", {"service.name": "reviews"},
+                                 {"ml.prediction_id": "p-2", "ml.label": 0}),
+    }
+
+
+REQUEST_TRACING = SampleSpan("request", "GET /healthz", {"service.name": "fraud-model"},
+                             {"http.route": "/healthz", "http.response.status_code": 200})
+
+
+@pytest.mark.parametrize("name", sorted(COLLECTOR_TEXTS))
+def test_collector_keeps_runs_predictions_and_labels(name: str) -> None:
+    """Every config's filter, evaluated on the spans docs/deployment.md describes: runs, predictions and their
+    labels (from another service, or with only the id and the label) reach the evaluator; request tracing
+    does not."""
+    cfg = yaml.safe_load(COLLECTOR_TEXTS[name]())
+    for kind, span in documented_samples().items():
+        assert evaluator_keeps(cfg, span), f"{name}: the filter drops a {kind} span {span.attributes}"
+    assert not evaluator_keeps(cfg, REQUEST_TRACING), f"{name}: the filter lets request tracing through"
+
+
+def test_readme_snippet_filters_like_the_shipped_config() -> None:
+    """The README's Collector snippet has the same filter conditions as deploy/collector/collector.yaml."""
+
+    def conditions(cfg: dict[str, Any]) -> list[list[str]]:
+        exporters = set(_evaluator_exporters(cfg))
+        (pipeline,) = [p for p in cfg["service"]["pipelines"].values() if exporters & set(p["exporters"])]
+        return [cfg["processors"][p]["traces"]["span"] for p in pipeline["processors"] if _type(p) == "filter"]
+
+    readme = yaml.safe_load(readme_collector_snippet())
+    shipped = yaml.safe_load(COLLECTOR_CONFIGS[0].read_text())
+    assert conditions(readme) == conditions(shipped) != []
+
+
+def test_ottl_subset_is_evaluated_not_matched() -> None:
+    """The evaluator above: precedence, nil, parentheses, and a refusal of what it does not know."""
+    span = SampleSpan("x", "n", {"service.name": "s"}, {"a": 1, "b": "x"})
+    assert Ottl('attributes["a"] == 1 and attributes["c"] == nil').condition()(span) is True
+    assert Ottl('attributes["a"] == 2 or attributes["b"] == "x" and name == "n"').condition()(span) is True
+    assert Ottl('(attributes["a"] == 2 or attributes["b"] == "x") and name == "m"').condition()(span) is False
+    assert Ottl('not attributes["b"] != "x"').condition()(span) is True
+    assert Ottl('resource.attributes["service.name"] == "s"').condition()(span) is True
+    with pytest.raises(AssertionError):
+        Ottl('IsMatch(attributes["b"], "x")').condition()
+
+
+DEPRECATED_ALIASES = {"otlp": "otlp_grpc", "otlphttp": "otlp_http", "loadbalancing": "load_balancing"}
+
+
+@pytest.mark.parametrize("name", sorted(COLLECTOR_TEXTS))
+def test_no_deprecated_component_alias(name: str) -> None:
+    """`otlp` is a deprecated alias of `otlp_grpc` since Collector 0.144 (`otlphttp` of `otlp_http`), and
+    `loadbalancing` of `load_balancing` in the version the configs are written for: each logs a warning."""
+    cfg = yaml.safe_load(COLLECTOR_TEXTS[name]())
+    for component in cfg["exporters"]:
+        assert _type(component) not in DEPRECATED_ALIASES, \
+            f"{name}: exporter {component}: use {DEPRECATED_ALIASES[_type(component)]}"
+
+
+def routing_key(span: SampleSpan, routing_attributes: list[str]) -> str:
+    """The load_balancing exporter's key for `routing_key: attributes` (routingIdentifiersFromTraces): per
+    attribute, its value on the resource, else the scope (none here), else the span (`span.name` is the span's
+    name), as "name=value|"; "name=|" when it has none."""
+    key = ""
+    for attr in routing_attributes:
+        if attr in span.resource:
+            key += f"{attr}={span.resource[attr]}|"
+        elif attr == "span.name":
+            key += f"{attr}={span.name}|"
+        elif attr in span.attributes:
+            key += f"{attr}={span.attributes[attr]}|"
+        else:
+            key += f"{attr}=|"
+    return key
+
+
+def test_sharded_collector_routes_predictions_with_their_labels() -> None:
+    """Routed by the documented attributes, a prediction and its label (from another service) land on the same
+    shard, and one dataset's runs from any service on one shard; by service.name they would not."""
+    cfg = yaml.safe_load((DEPLOY / "k8s" / "sharded" / "collector.yaml").read_text())
+    ((_, lb),) = _evaluator_exporters(cfg).items()
+    assert lb["routing_key"] == "attributes", "routing_key: service separates labels from their predictions"
+    attrs = lb["routing_attributes"]
+    documented = documented_span_attributes()
+    shared = set(attrs) & set(documented["prediction"])
+    assert shared and shared == set(attrs) & set(documented["label"]), \
+        "a prediction and its label carry the same routing attributes"
+    assert set(attrs) & set(documented["pipeline run"]), "pipeline runs route by an attribute of theirs too"
+    samples = documented_samples()
+    prediction, label, run = samples["prediction"], samples["label"], samples["pipeline run"]
+    nothing = routing_key(SampleSpan("", "", {}, {}), attrs)
+    assert routing_key(prediction, attrs) == routing_key(label, attrs) != nothing
+    assert routing_key(prediction, ["service.name"]) != routing_key(label, ["service.name"])  # why not service
+    elsewhere = replace(run, resource={"service.name": "backfill-job"})
+    other = replace(run, attributes={**run.attributes, "data.dataset": "payments/refunds_yesterday"})
+    assert routing_key(run, attrs) == routing_key(elsewhere, attrs) != routing_key(other, attrs)
+    assert routing_key(run, attrs) != nothing
 
 
 def test_compose_wires_collector_and_evaluator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
