@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -236,30 +239,171 @@ def test_documented_defaults_are_the_defaults(tmp_path: Path) -> None:
 FRAUD_RULES = Path(__file__).resolve().parent.parent / "rules" / "fraud-model.rules.yaml"
 
 
-def test_unset_span_retention_is_lengthened_for_the_rules_and_a_set_one_warns(tmp_path: Path) -> None:
+def test_unset_span_retention_is_lengthened_for_the_rules_and_a_set_one_refuses(tmp_path: Path) -> None:
     """fraud-model reads 7 days of predictions 30 days late: with the 35-day default its oldest week would be
-    deleted under it. Unset, retention grows to that history plus a day; set explicitly, it stays and warns."""
+    deleted under it. Unset, retention grows to that history plus a day; set explicitly to less, the daemon does
+    not start, naming each rule, where it is written and the dates it reads."""
     old = span(attrs={"ml.score": 0.5}, start=int((NOW - 37.5 * DAY) * 1e9), end=int((NOW - 37.5 * DAY) * 1e9))
-
-    def run(cfg: Any) -> tuple[float | None, int, list[dict[str, Any]]]:
-        """(span retention in force, spans one retention run deleted, the logs) for a daemon holding `old`."""
-        with structlog.testing.capture_logs() as logs:
-            daemon = Daemon(cfg, clock=FakeClock(NOW))
-            daemon.start()
-            try:
-                RunningDaemon(daemon).export(request(old))
-                return daemon.retention.spans_seconds, daemon.retention.run_once()["spans"], logs
-            finally:
-                daemon.shutdown()
-
     cfg = loopback_config(tmp_path / "a.duckdb", rules=(str(FRAUD_RULES),))
-    kept, deleted, logs = run(cfg)
+    with structlog.testing.capture_logs() as logs:
+        daemon = Daemon(cfg, clock=FakeClock(NOW))
+        daemon.start()
+        try:
+            RunningDaemon(daemon).export(request(old))
+            kept, deleted = daemon.retention.spans_seconds, daemon.retention.run_once()["spans"]
+        finally:
+            daemon.shutdown()
     assert (kept, deleted) == (38 * DAY, 0)  # 37.5 days old: kept
     lengthened = [e for e in logs if e["event"].startswith("raw span retention lengthened")]
     assert [(e["rule"], e["kept_days"]) for e in lengthened] == [("fraud-model/FraudModelAUC", 38.0)]
 
-    kept, deleted, logs = run(replace(cfg, store=replace(cfg.store, path=str(tmp_path / "b.duckdb")),
-                                      retention=RetentionSettings(spans_seconds=35 * DAY, spans_configured=True)))
-    assert (kept, deleted) == (35 * DAY, 1)
-    warned = sorted(e["rule"] for e in logs if e["event"].startswith("a rule reads further back"))
-    assert warned == ["fraud-model/FraudLabelCoverage", "fraud-model/FraudModelAUC"]
+    explicit = replace(cfg, store=replace(cfg.store, path=str(tmp_path / "b.duckdb")),
+                       retention=RetentionSettings(spans_seconds=35 * DAY, spans_configured=True))
+    daemon = Daemon(explicit, clock=FakeClock(NOW))
+    with pytest.raises(InvalidConfig) as err:
+        daemon.start()
+    daemon.shutdown()
+    assert not (tmp_path / "b.duckdb").exists()  # refused before anything started
+    lines = {p.key: p for p in err.value.problems}
+    assert sorted(lines) == ["groups.fraud-model.FraudLabelCoverage", "groups.fraud-model.FraudModelAUC"]
+    auc = lines["groups.fraud-model.FraudModelAUC"]
+    assert (auc.file, auc.line) == (str(FRAUD_RULES), 9)
+    assert auc.why.startswith("reads spans 37d back from each evaluation (now: since 2025-12-27T02:40:00Z), longer "
+                              "than store.retention.spans keeps (35d): set store.retention.spans to 37d or more, "
+                              "or leave it unset"), auc.why
+
+
+# A distribution rule compared with a fixed range of 2018, whatever the evaluation time.
+FIXED = """groups:
+  - name: drift
+    rules:
+      - alert: AmountDrift
+        kind: distribution
+        rung: distribution
+        owner: partners
+        attribute: data.amount
+        method: psi
+        current: 1d
+        baseline: {from: 2018-01-01, to: 2018-10-30}
+        bounds: [10, 100]
+        min_samples: 5
+        op: ">"
+        threshold: 0.2
+"""
+FROM, TO = 1_514_764_800.0, 1_540_857_600.0  # 2018-01-01 and 2018-10-30, UTC
+
+
+def _amounts(ends: list[float]) -> Any:
+    return request(*(span(attrs={"data.amount": 20.0 + i}, start=int(e * 1e9) - 1000, end=int(e * 1e9))
+                     for i, e in enumerate(ends)))
+
+
+def eval_rows(doc: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(rule id, row) of every result in `eval --format json` output: the rows are the objects with a detail."""
+    if isinstance(doc, list):
+        return [row for item in doc for row in eval_rows(item)]
+    if not isinstance(doc, dict):
+        return []
+    if "detail" in doc:
+        return [(str(doc.get("rule_id", doc.get("rule"))), doc)]
+    return [row for value in doc.values() for row in eval_rows(value)]
+
+
+def test_a_fixed_baseline_keeps_its_spans_through_retention(tmp_path: Path) -> None:
+    """With store.retention.spans unset, retention deletes spans past its cutoff except those a rule's fixed
+    baseline reads, (from, to], with exactly their attribute rows; the rule then still has a value."""
+    rules = tmp_path / "drift.rules.yaml"
+    rules.write_text(FIXED)
+    in_range = [FROM + 1, FROM + 30 * DAY, FROM + 100 * DAY, FROM + 200 * DAY, TO - 1, TO]
+    outside = [FROM - 15 * DAY, FROM, TO + 1, TO + 30 * DAY, NOW - 40 * DAY]  # before, at from, after the range
+    recent = [NOW - 3600.0 * h for h in range(1, 7)]
+    db = tmp_path / "ev.duckdb"
+    with structlog.testing.capture_logs() as logs:
+        daemon = Daemon(loopback_config(db, rules=(str(rules),)), clock=FakeClock(NOW))
+        daemon.start()
+        try:
+            running = RunningDaemon(daemon)
+            running.export(_amounts(in_range + outside + recent))
+            wait_for(lambda: running.sql("SELECT count(*) FROM spans")[0][0] == 17)
+            deleted = daemon.retention.run_once()
+            ends = sorted(r[0] for r in running.sql("SELECT epoch_us(end_time) FROM spans"))
+            attrs = sorted(r[0] for r in running.sql("SELECT epoch_us(time) FROM span_numbers"))
+        finally:
+            daemon.shutdown()
+    assert (deleted["spans"], deleted["span_numbers"]) == (len(outside), len(outside))
+    assert ends == attrs == sorted(round(e * US) for e in in_range + recent)
+    assert [e["ranges"] for e in logs if e["event"].startswith("raw spans in the rules' fixed baseline")] == [
+        ["2018-01-01T00:00:00Z..2018-10-30T00:00:00Z"]]
+
+    result = subprocess.run([sys.executable, "-m", "evaluator", "eval", "--db", str(db), "--rules", str(rules),
+                             "--at", str(NOW), "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    ((_, row),) = eval_rows(json.loads(result.stdout))
+    assert row["value"] is not None and "n 6/6 (current/baseline)" in row["detail"], row
+
+
+def test_an_explicit_span_retention_that_deletes_a_fixed_baseline_refuses_to_start(tmp_path: Path) -> None:
+    """`serve` exits 2 and names the rule, its file:line and the dates it reads; nothing is opened."""
+    rules = tmp_path / "drift.rules.yaml"
+    rules.write_text(FIXED)
+    config = tmp_path / "evaluator.yaml"
+    config.write_text("store:\n  retention:\n    spans: 35d\nrules: [drift.rules.yaml]\n")
+    db = tmp_path / "ev.duckdb"
+    result = subprocess.run([sys.executable, "-m", "evaluator", "serve", "--config", str(config), "--db", str(db),
+                             "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--admin-listen",
+                             "127.0.0.1:0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result
+    assert f"{rules}:4: groups.drift.AmountDrift: reads the spans from 2018-01-01T00:00:00Z to " \
+           "2018-10-30T00:00:00Z (its fixed baseline) at every evaluation; store.retention.spans (35d) deletes " \
+           "them: set store.retention.spans to off, or leave it unset" in result.stderr, result.stderr
+    assert not db.exists()
+
+
+def test_a_reload_that_retention_would_cut_short_is_refused(tmp_path: Path) -> None:
+    """SIGHUP's reload checks the same: refused, the running rules and retention stay; with retention unset the
+    same reload is taken and the new rule's range is spared."""
+    rules = tmp_path / "r.rules.yaml"
+    first = "groups:\n  - name: g\n    rules:\n      - {alert: A, kind: absence, rung: freshness, owner: x, " \
+            "expected_every: 1d}\n"
+    for configured in (True, False):
+        rules.write_text(first)
+        cfg = loopback_config(tmp_path / f"{configured}.duckdb", rules=(str(rules),),
+                              retention=RetentionSettings(spans_seconds=400 * DAY, spans_configured=configured))
+        daemon = Daemon(cfg, clock=FakeClock(NOW))
+        daemon.start()
+        try:
+            before = daemon.engine.ruleset
+            rules.write_text(first + FIXED.split("    rules:\n", 1)[1])
+            with structlog.testing.capture_logs() as logs:
+                taken = daemon.reload_rules()
+            if configured:
+                assert not taken and daemon.engine.ruleset is before
+                assert (daemon.retention.spans_seconds, daemon.retention.kept_ranges) == (400 * DAY, ())
+                (refused,) = [e for e in logs if e["event"].startswith("rule reload refused")]
+                assert refused["problems"] == [
+                    f"{rules}:5: groups.g.AmountDrift: reads the spans from 2018-01-01T00:00:00Z to "
+                    "2018-10-30T00:00:00Z (its fixed baseline) at every evaluation; store.retention.spans (400d) "
+                    "deletes them: set store.retention.spans to off, or leave it unset (the daemon then keeps what "
+                    "the rules read), or change the rule"]
+            else:
+                assert taken and [r.name for r in daemon.engine.ruleset.rules()] == ["A", "AmountDrift"]
+                assert (daemon.retention.spans_seconds, daemon.retention.kept_ranges) == (400 * DAY, ((FROM, TO),))
+        finally:
+            daemon.shutdown()
+
+
+def test_reach_counts_fixed_ranges_and_merges_them() -> None:
+    from evaluator.rules.kinds.distribution import DistributionSpec
+    from evaluator.rules.model import Rule, RuleGroup, RuleSet
+    from evaluator.rules.reach import history_reach, kept_ranges
+
+    def dist(**kw: Any) -> Rule:
+        return Rule(name=str(kw), group="g", kind="distribution", rung="distribution", owner="x", severity="page",
+                    spec=DistributionSpec("data.x", current=DAY, **kw))
+
+    fixed = dist(baseline_range=(FROM, TO), baseline_window=None)
+    frozen = dist(baseline_window=30 * DAY, frozen=True)
+    assert (history_reach(fixed), history_reach(frozen)) == (DAY, 31 * DAY)  # the current window; both windows
+    rs = RuleSet((RuleGroup("g", 60.0, (fixed, frozen, dist(baseline_range=(TO - DAY, TO + DAY)),
+                                        dist(baseline_range=(NOW - DAY, NOW)))),))
+    assert kept_ranges(rs) == ((FROM, TO + DAY), (NOW - DAY, NOW))

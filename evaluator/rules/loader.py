@@ -28,6 +28,7 @@ from evaluator.rules.model import (
 from evaluator.yamlsrc import (
     InvalidConfig,
     Node,
+    Problem,
     Problems,
     check_keys,
     load_yaml_file,
@@ -410,6 +411,16 @@ def rule_file_paths(paths: list[str]) -> list[str]:
 
 def load_rules(paths: list[str]) -> RuleSet:
     """Load rule files and folders; raises InvalidConfig with every problem in every file."""
+    ruleset, problems = read_rules(paths)
+    if problems:
+        raise InvalidConfig(problems)
+    return ruleset
+
+
+def read_rules(paths: list[str]) -> tuple[RuleSet, list[Problem]]:
+    """The rules these files and folders define, as far as they could be built, and every problem found (sorted
+    by file and line). `check` checks the rules further (their SQL) even when there are problems, so one run
+    reports everything; anything else uses load_rules."""
     problems = Problems()
     groups: list[RuleGroup] = []
     group_sources: dict[str, str] = {}
@@ -429,6 +440,4 @@ def load_rules(paths: list[str]) -> RuleSet:
                 continue
             group_sources[group.name] = group.source
             groups.append(group)
-    if problems:
-        raise InvalidConfig(sorted(problems, key=lambda p: (p.file, p.line)))
-    return RuleSet(tuple(groups))
+    return RuleSet(tuple(groups)), sorted(problems, key=lambda p: (p.file, p.line))

@@ -12,11 +12,15 @@ between never leaves attribute rows without their span); DuckDB's MVCC lets the 
 meanwhile. A CHECKPOINT afterwards vacuums the deleted rows: their blocks become free blocks inside the file,
 which new data reuses (the file does not shrink; `store_free_bytes` shows the reusable part).
 
+Spans a loaded rule reads whatever the time (a distribution's fixed baseline range, `kept_ranges`) are spared
+past the cutoff: the attribute rows carry the same end time, so they are spared with exactly their spans.
+
 Time comes from the injected clock, so tests move it with a FakeClock.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -86,6 +90,9 @@ class RetentionWorker(PeriodicWorker):
         self._clock = clock
         self.settings = settings
         self.spans_seconds = settings.spans_seconds  # the daemon may lengthen it for the loaded rules
+        # (start, end] ranges of span end times that loaded rules read whatever the time (a distribution's fixed
+        # baseline): their spans are kept past the cutoff. Set by the daemon with the rules (Daemon._fit_retention).
+        self.kept_ranges: tuple[tuple[float, float], ...] = ()
         self._log = log or structlog.get_logger("retention")
         self._deleted = telemetry.counter("retention_deleted_rows_total", "Rows deleted by retention, by table.",
                                           ("table",))
@@ -116,6 +123,7 @@ class RetentionWorker(PeriodicWorker):
         deleted: dict[str, int] = {}
         plan: list[tuple[tuple[tuple[str, str], ...], float | None]] = [
             (SPAN_TABLES, self.spans_seconds), (ALERT_TABLES, self.settings.alerts_seconds)]
+        spared = tuple((math.floor(lo * 1_000_000), math.ceil(hi * 1_000_000)) for lo, hi in self.kept_ranges)
         cur = self._store.cursor()
         try:
             for tables, keep in plan:
@@ -125,7 +133,8 @@ class RetentionWorker(PeriodicWorker):
                 for table, column in tables:
                     if self.stopping:
                         return deleted
-                    deleted[table] = self._delete(cur, table, column, cutoff_us)
+                    deleted[table] = self._delete(cur, table, column, cutoff_us,
+                                                  spared if tables is SPAN_TABLES else ())
             if any(deleted.values()):
                 self._checkpoint(cur)
         finally:
@@ -142,8 +151,13 @@ class RetentionWorker(PeriodicWorker):
         return deleted
 
     @staticmethod
-    def _delete(cur: duckdb.DuckDBPyConnection, table: str, column: str, cutoff_us: int) -> int:
-        row = cur.execute(f"DELETE FROM {table} WHERE {column} < make_timestamp(?::BIGINT)", [cutoff_us]).fetchone()
+    def _delete(cur: duckdb.DuckDBPyConnection, table: str, column: str, cutoff_us: int,
+                spared: tuple[tuple[int, int], ...] = ()) -> int:
+        """Delete rows older than the cutoff, except those in a spared (start, end] range (µs)."""
+        keep = "".join(f" AND NOT ({column} > make_timestamp(?::BIGINT) AND {column} <= make_timestamp(?::BIGINT))"
+                       for _ in spared)
+        params = [cutoff_us, *(t for r in spared for t in r)]
+        row = cur.execute(f"DELETE FROM {table} WHERE {column} < make_timestamp(?::BIGINT){keep}", params).fetchone()
         return int(row[0]) if row else 0
 
     def _checkpoint(self, cur: duckdb.DuckDBPyConnection) -> None:
