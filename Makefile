@@ -24,6 +24,19 @@ install-test: $(BIN)/python
 		echo "npm ci --prefix tests/js"; \
 		npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
 	fi
+	@if command -v alertmanager >/dev/null 2>&1 || command -v prometheus-alertmanager >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "alertmanager not found (as root on Debian/Ubuntu, make install-test installs prometheus-alertmanager):" \
+			"the real-Alertmanager tests (tests/test_alertmanager_real.py) will be skipped"; \
+	else \
+		echo "apt-get install -y --no-install-recommends prometheus-alertmanager"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null \
+		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null; } \
+		|| echo "could not install prometheus-alertmanager: the real-Alertmanager tests" \
+			"(tests/test_alertmanager_real.py) will be skipped"; \
+	fi
 
 serve: install
 	$(BIN)/otel-evaluator serve $(ARGS)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -31,6 +33,7 @@ from evaluator.yamlsrc import (
     InvalidConfig,
     Node,
     Problems,
+    as_yaml,
     check_keys,
     load_yaml_file,
     read_bool,
@@ -49,14 +52,14 @@ _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2*
 def parse_size(value: object) -> int:
     """64MiB, 500MB, 1048576 -> bytes. Raises ValueError."""
     if isinstance(value, bool):
-        raise ValueError(f"bad size {value!r}")
+        raise ValueError(f"bad size {as_yaml(value)}")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"bad size {value!r}: must not be negative")
+            raise ValueError(f"bad size {as_yaml(value)}: must not be negative")
         return value
     m = _SIZE_RE.match(str(value))
     if not m:
-        raise ValueError(f"bad size {value!r}: use bytes or a number with B, KB, MB, GB, KiB, MiB or GiB")
+        raise ValueError(f"bad size {as_yaml(value)}: use bytes or a number with B, KB, MB, GB, KiB, MiB or GiB")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
@@ -148,6 +151,40 @@ def _read_limits(node: Node, base: SpanLimits, problems: Problems) -> SpanLimits
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
+def _read_external_url(node: Node | None, problems: Problems) -> str | None:
+    """admin.external_url: an http(s) URL with a host and no query or fragment, without its trailing "/";
+    null (or absent) derives it from admin.listen (admin_external_url)."""
+    if node is None or node.value is None:
+        return None
+    key = "admin.external_url"
+    url = read_str(node, key, problems)
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        problems.add(node, key, "must be an http:// or https:// URL with a host, e.g. https://evaluator.example.com")
+        return None
+    if parts.query or parts.fragment:
+        problems.add(node, key, "must not have a query (?...) or fragment (#...): alert links add their own")
+        return None
+    return url.strip().rstrip("/")
+
+
+def admin_external_url(admin: AdminSettings, port: int | None = None, hostname: str | None = None) -> str:
+    """Where people reach the admin server (alert links: generatorURL, alert.url): admin.external_url, or else
+    http(s)://<admin.listen host>:<port> (port: the one bound, when listen asks for port 0; a wildcard host is
+    replaced by this machine's hostname, default socket.gethostname())."""
+    if admin.external_url:
+        return admin.external_url
+    host, listen_port = split_hostport(admin.listen)
+    if host in ("0.0.0.0", "::"):
+        host = hostname or socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if admin.tls is not None else "http"
+    return f"{scheme}://{host}:{port or listen_port}"
+
+
 _T = TypeVar("_T")
 
 
@@ -168,7 +205,7 @@ def config_from_node(root: Node, problems: Problems) -> Config:
     cfg = replace(cfg, auth=read_auth(root.get("auth"), problems, base=config_dir))
     am = read_map(root.get("alertmanager"), "alertmanager", problems)
     if am is not None:
-        check_keys(am, {"url", "resend_interval", "timeout"}, problems, "alertmanager")
+        check_keys(am, {"url", "resend_interval", "timeout", "max_backoff"}, problems, "alertmanager")
         url = read_str(am.get("url"), "alertmanager.url", problems)
         if url is not None and not url.startswith(("http://", "https://")):
             problems.add(am.get("url"), "alertmanager.url", "must be an http:// or https:// URL")
@@ -177,9 +214,14 @@ def config_from_node(root: Node, problems: Problems) -> Config:
         if resend is not None and resend <= 0:
             problems.add(am.get("resend_interval"), "alertmanager.resend_interval", "must be above 0")
             resend = None
+        max_backoff = read_duration(am.get("max_backoff"), "alertmanager.max_backoff", problems)
+        if max_backoff is not None and max_backoff <= 0:
+            problems.add(am.get("max_backoff"), "alertmanager.max_backoff", "must be above 0")
+            max_backoff = None
         cfg = replace(cfg, alertmanager=_set(cfg.alertmanager, url=url, resend_interval=resend,
                                              timeout_seconds=read_duration(am.get("timeout"), "alertmanager.timeout",
-                                                                           problems)))
+                                                                           problems),
+                                             max_backoff_seconds=max_backoff))
     exp = read_map(root.get("exporter"), "exporter", problems)
     if exp is not None:
         keys = ("endpoint", "protocol", "headers", "compression", "timeout", "insecure", "certificate", "client_key",
@@ -291,10 +333,11 @@ def config_from_node(root: Node, problems: Problems) -> Config:
 
     admin = read_map(root.get("admin"), "admin", problems)
     if admin is not None:
-        check_keys(admin, {"listen", "tls", "query"}, problems, "admin")
+        check_keys(admin, {"listen", "tls", "query", "external_url"}, problems, "admin")
         cfg = replace(cfg, admin=_set(cfg.admin, listen=_read_listen(admin.get("listen"), "admin.listen",
                                                                      problems),
-                                      tls=read_tls(admin.get("tls"), "admin.tls", problems, config_dir)))
+                                      tls=read_tls(admin.get("tls"), "admin.tls", problems, config_dir),
+                                      external_url=_read_external_url(admin.get("external_url"), problems)))
         query = read_map(admin.get("query"), "admin.query", problems)
         if query is not None:
             check_keys(query, {"default_rows", "max_rows", "timeout", "max_concurrent"}, problems, "admin.query")

@@ -5,8 +5,14 @@ daemon in between loses nothing, and the alerts arrive in order."""
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +20,7 @@ import pytest
 from test_rules_e2e import DAY, RULES, T0, send_days
 
 from evaluator.daemon import Daemon
+from evaluator.exporter.alertmanager import AlertmanagerSettings
 from evaluator.receiver.grpc_server import GrpcSettings
 from evaluator.receiver.ingest import IngestSettings
 from evaluator.testing import FakeClock, loopback_config, wait_for
@@ -58,7 +65,7 @@ def test_alert_spans_reach_a_real_receiver_configured_by_env(tmp_path: Path, mon
     try:
         assert daemon.grpc is not None and daemon.outbox is not None
         send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
-        daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        daemon.engine.evaluate_all([clock.now()])
         outbox = daemon.outbox
 
         def delivered() -> bool:
@@ -95,13 +102,12 @@ def test_downstream_outage_and_restart_lose_nothing_and_keep_order(tmp_path: Pat
     cfg = loopback_config(tmp_path / "ev.duckdb", rules=(str(RULES),))
     daemon = Daemon(cfg, clock=clock)
     daemon.start()  # the downstream is down
-    group = daemon.engine.ruleset.groups[0]
     assert daemon.grpc is not None
     send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
-    daemon.engine.evaluate_group(group, clock.now())  # four alerts fire: queued
+    daemon.engine.evaluate_all([clock.now()])  # four alerts fire: queued
     send_days(f"127.0.0.1:{daemon.grpc.port}", range(15, 16), broken=set())
     clock.advance(DAY)
-    daemon.engine.evaluate_group(group, clock.now())  # the next day: three resolve
+    daemon.engine.evaluate_all([clock.now()])  # the next day: three resolve
     wait_for(lambda: daemon.telemetry.get("export_failures_total").total() >= 1, timeout=20)
     daemon.shutdown()  # restart while the downstream is still down
     daemon = Daemon(cfg, clock=clock)
@@ -124,7 +130,8 @@ def test_downstream_outage_and_restart_lose_nothing_and_keep_order(tmp_path: Pat
 
         wait_for(delivered, timeout=60, interval=0.2)
         arrived = [(r[0], r[2]) for r in _stored_alerts(downstream)]
-        assert arrived == sorted(recorded[:4]) + sorted(recorded[4:])  # every transition, day by day
+        # every transition, day by day (within a day in the order of when each happened)
+        assert sorted(arrived[:4]) == sorted(recorded[:4]) and sorted(arrived[4:]) == sorted(recorded[4:])
         cur = daemon.store.cursor()
         assert cur.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
         cur.close()
@@ -143,7 +150,7 @@ def test_without_an_endpoint_alerts_are_stored_and_nothing_is_queued(tmp_path: P
     try:
         assert daemon.outbox is None and daemon.grpc is not None
         send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
-        events = daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        events = daemon.engine.evaluate_all([clock.now()])
         assert len(events) == 4
         cur = daemon.store.cursor()
         assert cur.execute("SELECT count(*) FROM alerts").fetchone() == (4,)
@@ -190,7 +197,7 @@ def test_metrics_reach_a_real_metrics_receiver_and_match_admin_metrics(tmp_path:
     try:
         assert daemon.grpc is not None and daemon.metrics is not None and daemon.outbox is None
         send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
-        daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        daemon.engine.evaluate_all([clock.now()])
         series = '{"data.dataset":"payments/transactions_yesterday"}'
 
         def firing_state_arrived() -> bool:
@@ -239,7 +246,7 @@ def test_ladder_inhibition_pages_only_the_rung_that_broke(tmp_path: Path, monkey
     try:
         assert daemon.grpc is not None and daemon.outbox is not None
         send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
-        events = daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        events = daemon.engine.evaluate_all([clock.now()])
         assert {(e.rule.name, e.inhibited) for e in events} == {
             ("PaymentsFreshnessLag", False), ("PaymentsRowCount", True), ("PaymentsAmountMedian", True),
             ("PaymentsAmountPSI", True)}
@@ -300,7 +307,7 @@ def test_alertmanager_gets_firing_then_resolved_and_periodic_resends(tmp_path: P
     try:
         assert daemon.grpc is not None and daemon.outbox is not None and daemon.alertmanager is not None
         send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
-        daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        daemon.engine.evaluate_all([clock.now()])
         wait_for(lambda: len(posts) >= 3)  # the transitions, then at least one re-send
         first = posts[0]
         lag = next(a for a in first if a["labels"]["alertname"] == "PaymentsFreshnessLag")
@@ -316,10 +323,285 @@ def test_alertmanager_gets_firing_then_resolved_and_periodic_resends(tmp_path: P
         count = len(posts)
         send_days(f"127.0.0.1:{daemon.grpc.port}", range(15, 16), broken=set())
         clock.advance(DAY)
-        daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
+        daemon.engine.evaluate_all([clock.now()])
+        resolved_at = T0 + 15 * DAY + 6 * 3600  # the healthy run that resolved it, not the evaluation after it
         wait_for(lambda: any(any(a["labels"]["alertname"] == "PaymentsFreshnessLag" and
                                  datetime.fromisoformat(a["endsAt"].replace("Z", "+00:00")).timestamp()
-                                 == clock.now() for a in p) for p in posts[count:]))
+                                 == resolved_at for a in p) for p in posts[count:]))
     finally:
         daemon.shutdown()
         server.shutdown()
+
+
+# -- Alertmanager: what arrives is what the first send said, stamped when sent ------------------------------------
+
+DATASET = "payments/transactions_yesterday"
+
+
+class FakeAlertmanager(ThreadingHTTPServer):
+    """Plays Alertmanager's POST /api/v2/alerts (the real one: tests/test_alertmanager_real.py). Records each
+    accepted post with the daemon's clock time at its arrival; answers 503 while `down`."""
+
+    daemon_threads = True
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(("127.0.0.1", 0), _AlertmanagerHandler)
+        self.clock = clock
+        self.down = False
+        self.refused = 0
+        self.posts: list[tuple[float, list[dict[str, Any]]]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def alerts(self, name: str) -> list[tuple[float, dict[str, Any]]]:
+        """Every accepted post of alert `name`, with the clock time it arrived at."""
+        with self.lock:
+            return [(at, a) for at, post in self.posts for a in post if a["labels"]["alertname"] == name]
+
+
+class _AlertmanagerHandler(BaseHTTPRequestHandler):
+    server: FakeAlertmanager
+
+    def do_POST(self) -> None:
+        assert self.path == "/api/v2/alerts"
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            down = self.server.down
+            if down:
+                self.server.refused += 1
+            else:
+                self.server.posts.append((self.server.clock.now(), body))
+        self.send_response(503 if down else 200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0 + 14 * DAY + 7 * 3600)
+
+
+@pytest.fixture
+def alertmanager(clock: FakeClock) -> Iterator[FakeAlertmanager]:
+    server = FakeAlertmanager(clock)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def _seconds(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _without_ends(alert: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in alert.items() if k != "endsAt"}
+
+
+def _runbook_rules(tmp_path: Path) -> Path:
+    """The payments rules with a templated annotation besides the summary."""
+    rules = tmp_path / "payments.rules.yaml"
+    text = RULES.read_text()
+    anchor = "        annotations:\n          summary: \"{{ series.data.dataset }}: newest event"
+    assert anchor in text
+    rules.write_text(text.replace(anchor, "        annotations:\n          runbook: \"see {{ owner }}\"\n"
+                                          "          summary: \"{{ series.data.dataset }}: newest event", 1))
+    return rules
+
+
+def _am_daemon(tmp_path: Path, clock: FakeClock, am: FakeAlertmanager, monkeypatch: pytest.MonkeyPatch,
+               resend: float, **changes: Any) -> Daemon:
+    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = replace(loopback_config(tmp_path / "ev.duckdb", rules=(str(_runbook_rules(tmp_path)),)),
+                  alertmanager=AlertmanagerSettings(url=am.url, resend_interval=resend), **changes)
+    daemon = Daemon(cfg, clock=clock)
+    daemon.start()
+    return daemon
+
+
+def _fire_then_resolve(daemon: Daemon, clock: FakeClock,
+                       am: FakeAlertmanager) -> list[tuple[float, dict[str, Any]]]:
+    """The broken day fires PaymentsFreshnessLag, re-sent a few times; the next day resolves it. Returns its
+    posts with the clock time each arrived at: the first, the re-sends, and last the resolved one (it ends no
+    later than it arrived, while a firing alert ends 4 intervals after)."""
+    assert daemon.grpc is not None
+    send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
+    daemon.engine.evaluate_all([clock.now()])
+    wait_for(lambda: len(am.alerts("PaymentsFreshnessLag")) >= 4, timeout=20)
+    send_days(f"127.0.0.1:{daemon.grpc.port}", range(15, 16), broken=set())
+    clock.advance(DAY)
+    daemon.engine.evaluate_all([clock.now()])
+
+    def resolved_at() -> int | None:
+        posts = am.alerts("PaymentsFreshnessLag")
+        return next((i for i, (at, a) in enumerate(posts) if _seconds(a["endsAt"]) <= at), None)
+
+    end = wait_for(lambda: resolved_at() is not None, timeout=20) and resolved_at()
+    assert end is not None
+    return am.alerts("PaymentsFreshnessLag")[:end + 1]
+
+
+def test_alertmanager_resends_repeat_the_first_send(tmp_path: Path, clock: FakeClock,
+                                                    alertmanager: FakeAlertmanager,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alertmanager keeps the newest annotations it was sent: every re-send must carry the rendered ones of the
+    first send (not the rule's raw templates), the same startsAt and generatorURL; only endsAt moves. The
+    generatorURL links the admin server's ladder of the dataset at the alert's time."""
+    daemon = _am_daemon(tmp_path, clock, alertmanager, monkeypatch, resend=0.2)
+    try:
+        *posts, (_, last) = _fire_then_resolve(daemon, clock, alertmanager)
+        firing = [a for _, a in posts]
+        first = firing[0]
+        assert len(firing) >= 4
+        assert first["annotations"]["runbook"] == "see data-platform"
+        assert first["annotations"]["summary"].startswith(f"{DATASET}: newest event 6 h")
+        assert [p["annotations"] for p in firing[1:]] == [first["annotations"]] * (len(firing) - 1)
+        assert first["generatorURL"] == (f"http://127.0.0.1:{daemon.admin.port}/ladder?"
+                                         + urllib.parse.urlencode({"dataset": DATASET, "at": first["startsAt"]}))
+        assert all(_without_ends(p) == _without_ends(first) for p in firing[1:]), firing
+        assert all(_seconds(p["endsAt"]) == at + 4 * 0.2 for at, p in posts)  # stamped when sent
+        assert last["labels"] == first["labels"]
+        assert last["generatorURL"].endswith("&at=" + urllib.parse.quote(last["endsAt"]))  # when it resolved
+    finally:
+        daemon.shutdown()
+
+
+def test_alertmanager_resend_without_the_recorded_transition_renders_from_the_state(
+        tmp_path: Path, clock: FakeClock, alertmanager: FakeAlertmanager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An alert firing longer than `alerts` is kept (store.retention.alerts) has lost its firing transition: the
+    re-send renders the annotations from the current state rather than sending raw templates."""
+    daemon = _am_daemon(tmp_path, clock, alertmanager, monkeypatch, resend=3600)
+    try:
+        assert daemon.grpc is not None and daemon.alertmanager is not None
+        send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
+        daemon.engine.evaluate_all([clock.now()])
+        recorded = {a["labels"]["alertname"]: a for a in daemon.alertmanager.firing()}
+        cur = daemon.store.cursor()
+        cur.execute("DELETE FROM alerts")
+        cur.close()
+        rendered = {a["labels"]["alertname"]: a for a in daemon.alertmanager.firing()}
+        assert rendered.keys() == recorded.keys() and "PaymentsFreshnessLag" in rendered
+        lag = rendered["PaymentsFreshnessLag"]
+        assert lag["annotations"] == recorded["PaymentsFreshnessLag"]["annotations"]
+        assert lag["annotations"]["runbook"] == "see data-platform"
+        assert all("{{" not in v for a in rendered.values() for v in a["annotations"].values())
+    finally:
+        daemon.shutdown()
+
+
+def test_alertmanager_resolved_post_keeps_the_episode_start(tmp_path: Path, clock: FakeClock,
+                                                            alertmanager: FakeAlertmanager,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resolved post's startsAt is the episode's start (as in its firing posts), not the time it resolved."""
+    daemon = _am_daemon(tmp_path, clock, alertmanager, monkeypatch, resend=0.2)
+    try:
+        (_, first), *_, (_, last) = _fire_then_resolve(daemon, clock, alertmanager)
+        assert last["startsAt"] == first["startsAt"]
+    finally:
+        daemon.shutdown()
+
+
+def test_alertmanager_payload_starts_at_the_episode_start() -> None:
+    """What the outbox stores per transition: a resolved alert starts when its episode started (the transition's
+    started_at) and ends when it resolved; a firing one has no endsAt yet (stamped when posted)."""
+    from evaluator.exporter.alertmanager import transitions_payload
+    from evaluator.rules.engine import AlertEvent
+    from evaluator.rules.loader import load_rules
+    from evaluator.rules.state import Transition
+
+    rule = next(r for r in load_rules([str(RULES)]).rules() if r.name == "PaymentsFreshnessLag")
+    series = (("data.dataset", DATASET),)
+    start, end = T0 + 3600.0, T0 + 7200.0
+    events = [AlertEvent(rule, Transition(rule.id, series, end, "firing", "resolved", 0.1, 0.5, 0, None,
+                                          started_at=start), "back in time", {}),
+              AlertEvent(rule, Transition(rule.id, series, start, "pending", "firing", 6.0, 0.5, 1, None,
+                                          started_at=start), "late", {})]
+    payload = transitions_payload(events, "http://ev:13133")
+    assert payload is not None
+    resolved, firing = json.loads(payload)
+    assert (resolved["startsAt"], resolved["endsAt"]) == (_iso(start), _iso(end))
+    assert resolved["generatorURL"] == "http://ev:13133/ladder?" + urllib.parse.urlencode(
+        {"dataset": DATASET, "at": _iso(end)})
+    assert firing["startsAt"] == _iso(start) and "endsAt" not in firing
+
+
+def test_alertmanager_post_delivered_after_an_outage_is_not_already_expired(
+        tmp_path: Path, clock: FakeClock, alertmanager: FakeAlertmanager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alertmanager is down when the alerts fire and comes back 10 s later (more than the 4 resend intervals of
+    8 s): the posts that then arrive end 4 intervals after they were sent, so the alerts are active, not
+    resolved until the next re-send."""
+    alertmanager.down = True
+    daemon = _am_daemon(tmp_path, clock, alertmanager, monkeypatch, resend=2.0)
+    try:
+        assert daemon.grpc is not None and daemon.outbox is not None
+        send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
+        daemon.engine.evaluate_all([clock.now()])
+        wait_for(lambda: alertmanager.refused >= 1, timeout=20)
+        clock.advance(10)
+        alertmanager.down = False
+        daemon.outbox.wake()
+        arrived = wait_for(lambda: alertmanager.alerts("PaymentsFreshnessLag"), timeout=20)
+        for at, alert in arrived:
+            assert _seconds(alert["endsAt"]) == at + 4 * 2.0 > clock.now(), alert
+    finally:
+        daemon.shutdown()
+
+
+def test_alert_links_use_the_configured_external_url_on_both_outputs(
+        tmp_path: Path, clock: FakeClock, alertmanager: FakeAlertmanager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """admin.external_url: Alertmanager's generatorURL and the alert span's alert.url are the same link to the
+    alert's ladder."""
+    port = _free_port()
+    downstream = _downstream(tmp_path, port, "downstream")
+    daemon = None
+    try:
+        cfg = loopback_config(tmp_path / "ev.duckdb")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
+        daemon = Daemon(replace(cfg, rules=(str(_runbook_rules(tmp_path)),),
+                                admin=replace(cfg.admin, external_url="https://evaluator.example.com/dq"),
+                                alertmanager=AlertmanagerSettings(url=alertmanager.url, resend_interval=3600)),
+                        clock=clock)
+        daemon.start()
+        assert daemon.grpc is not None and daemon.outbox is not None
+        send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
+        daemon.engine.evaluate_all([clock.now()])
+        outbox = daemon.outbox
+
+        def urls() -> list[tuple[Any, ...]]:
+            cur = downstream.store.cursor()
+            try:
+                return cur.execute("""SELECT u.value FROM span_strings u JOIN span_strings n USING (span_key)
+                                      WHERE u.key = 'alert.url' AND n.key = 'alert.name'
+                                        AND n.value = 'PaymentsFreshnessLag'""").fetchall()
+            finally:
+                cur.close()
+
+        def delivered() -> bool:
+            clock.advance(10)  # past the backoff of a first send that failed while the gRPC channel connected
+            outbox.wake()
+            return bool(urls()) and bool(alertmanager.alerts("PaymentsFreshnessLag"))
+
+        wait_for(delivered, timeout=30, interval=0.1)
+        alert = alertmanager.alerts("PaymentsFreshnessLag")[0][1]
+        expected = "https://evaluator.example.com/dq/ladder?" + urllib.parse.urlencode(
+            {"dataset": DATASET, "at": alert["startsAt"]})
+        assert alert["generatorURL"] == expected
+        assert urls() == [(expected,)]
+    finally:
+        if daemon is not None:
+            daemon.shutdown()
+        downstream.shutdown()

@@ -670,3 +670,85 @@ def test_http_headers_cannot_override_the_framing(http_collector: FakeHttpCollec
     assert http_collector.posts[0].headers["x-ok"] == "1"
     with pytest.raises(ValueError, match="non-Latin-1"):
         HttpTransport(_http_config(http_collector, headers=(("x-name", "日本"),)), "traces")
+
+
+# ------------------------------------------------------------------------------------------------- Alertmanager
+
+def _am_transport(server: FakeHttpCollector, clock: Any, resend: float = 60.0) -> Any:
+    from evaluator.exporter.alertmanager import AlertmanagerSettings, AlertmanagerTransport
+
+    return AlertmanagerTransport(AlertmanagerSettings(url=f"http://127.0.0.1:{server.port}", resend_interval=resend,
+                                                      timeout_seconds=5.0), clock)
+
+
+def test_alertmanager_post_stamps_ends_at_when_sent_not_when_evaluated(http_collector: FakeHttpCollector) -> None:
+    """A firing alert posted late (after an outage) must not arrive already expired: its endsAt is the send time
+    plus 4 resend intervals. A resolved alert keeps its endsAt (when it resolved)."""
+    import json
+
+    from evaluator.testing import FakeClock
+
+    clock = FakeClock(1_800_000_000.0)
+    firing = {"labels": {"alertname": "A"}, "annotations": {}, "startsAt": "2027-01-15T08:00:00.000000Z"}
+    resolved = {"labels": {"alertname": "B"}, "annotations": {}, "startsAt": "2027-01-15T07:00:00.000000Z",
+                "endsAt": "2027-01-15T08:00:00.000000Z"}
+    transport = _am_transport(http_collector, clock, resend=30.0)
+    try:
+        clock.advance(10)  # the post goes out 10 s after the evaluation
+        assert transport.send(json.dumps([firing, resolved]).encode()).ok
+    finally:
+        transport.close()
+    (post,) = http_collector.posts
+    assert post.path == "/api/v2/alerts" and post.headers["content-type"] == "application/json"
+    sent = json.loads(post.body)
+    assert sent[0] == {**firing, "endsAt": "2027-01-15T08:02:10.000000Z"}  # 08:00:10 + 4 x 30 s
+    assert sent[1] == resolved
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_alertmanager_retry_after_is_used_and_counts_from_the_clock(http_collector: FakeHttpCollector,
+                                                                    status: int) -> None:
+    """Alertmanager (or a proxy in front of it) asking to wait: the delay is passed on to the outbox, in seconds or
+    as an HTTP date taken relative to the daemon's clock."""
+    from evaluator.testing import FakeClock
+
+    clock = FakeClock(1_800_000_000.0)
+    transport = _am_transport(http_collector, clock)
+    http_collector.status = status
+    try:
+        http_collector.response_headers = {"Retry-After": "7"}
+        seconds = transport.send(b"[]")
+        http_collector.response_headers = {"Retry-After": email.utils.formatdate(clock.now() + 90, usegmt=True)}
+        date = transport.send(b"[]")
+    finally:
+        transport.close()
+    assert (seconds.ok, seconds.retryable, seconds.retry_after) == (False, True, 7.0)
+    assert (date.ok, date.retryable, date.retry_after) == (False, True, 90.0)
+    assert seconds.error.startswith(f"http {status}")
+
+
+def test_alertmanager_resend_is_not_overtaken_by_a_post_recorded_after_it_read(
+        http_collector: FakeHttpCollector) -> None:
+    """The refresher reads the firing alerts and posts them under the transport's lock: an outbox post (say, the
+    alert resolving) that comes in meanwhile goes out after the re-send, never before, so Alertmanager ends with
+    the alert resolved rather than firing again."""
+    import json
+
+    from evaluator.testing import FakeClock
+
+    transport = _am_transport(http_collector, FakeClock(1_800_000_000.0))
+    outbox_post = threading.Thread(target=transport.send, args=(b'[{"labels": {"alertname": "resolved"}}]',))
+
+    def read() -> list[dict[str, Any]]:
+        outbox_post.start()
+        outbox_post.join(0.5)  # it must wait for the re-send; without the lock it would be posted by now
+        return [{"labels": {"alertname": "firing"}}]
+
+    try:
+        result = transport.send_current(read)
+        outbox_post.join(10)
+        assert result is not None and result.ok
+        assert transport.send_current(lambda: []) is None  # nothing firing: nothing posted
+    finally:
+        transport.close()
+    assert [json.loads(p.body)[0]["labels"]["alertname"] for p in http_collector.posts] == ["firing", "resolved"]

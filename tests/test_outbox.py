@@ -8,6 +8,7 @@ import random
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from evaluator.exporter.outbox import TRACES, OutboxSender, enqueue
@@ -43,6 +44,10 @@ def _enqueue(store: Store, *payloads: bytes, at: float = T0) -> None:
     for p in payloads:
         enqueue(cur, TRACES, p, 1, at)
     cur.close()
+
+
+def _no_store() -> duckdb.DuckDBPyConnection:
+    raise AssertionError("computing a backoff reads no store")
 
 
 def _rows(store: Store) -> list[tuple[bytes, int, bool]]:
@@ -81,14 +86,40 @@ def test_a_failing_row_holds_back_the_ones_behind_it_until_the_retry(store: Stor
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
-    sender = OutboxSender(lambda: None, {}, FakeClock(T0), Telemetry(), backoff_initial=1.0, backoff_max=60.0,
-                          rng=random.Random(1))  # type: ignore[arg-type]
+    sender = OutboxSender(_no_store, {}, FakeClock(T0), Telemetry(), backoff_initial=1.0, backoff_max=60.0,
+                          rng=random.Random(1))
     for attempts, base in ((0, 1.0), (1, 2.0), (3, 8.0), (10, 60.0)):
         delays = [sender.backoff(attempts, None) for _ in range(200)]
-        assert base * 0.5 <= min(delays) and max(delays) <= base * 1.5
-        assert max(delays) - min(delays) > base * 0.5  # jittered, not in step
+        assert base * 0.5 <= min(delays) and max(delays) <= min(base * 1.5, 60.0)  # the cap is the longest wait
+        assert max(delays) - min(delays) > base * 0.4  # jittered, not in step
     assert sender.backoff(7, 3.0) == 3.0  # the receiver's delay wins
     assert sender.backoff(0, 10_000.0) == 60.0  # but is capped
+
+
+def test_a_destination_cap_bounds_the_retries_but_not_the_receivers_delay(store: Store) -> None:
+    """Alertmanager is paged through: after a long outage its next try is at most max_backoff away (30 s), not
+    the 300 s (450 with jitter) of the alert spans. A Retry-After longer than that is still honoured."""
+    am = "alertmanager"
+    sender = OutboxSender(_no_store, {}, FakeClock(T0), Telemetry(), max_backoff={am: 30.0}, rng=random.Random(2))
+    assert max(sender.backoff(a, None, am) for a in range(30) for _ in range(20)) <= 30.0
+    assert min(sender.backoff(20, None, am) for _ in range(200)) >= 15.0
+    assert max(sender.backoff(8, None, TRACES) for _ in range(200)) > 200.0  # other destinations keep theirs
+    assert sender.backoff(20, 120.0, am) == 120.0  # Alertmanager's own Retry-After wins over the cap
+    assert sender.backoff(20, 10_000.0, am) == 300.0  # within backoff_max
+
+    clock = FakeClock(T0)
+    down = Scripted([DOWN] * 100)
+    sender = OutboxSender(store.cursor, {am: down}, clock, Telemetry(), max_backoff={am: 30.0})
+    cur = store.cursor()
+    enqueue(cur, am, b"page", 1, clock.now())
+    cur.close()
+    waits = []
+    for _ in range(12):  # twelve failed tries: a few minutes of outage
+        wait = sender.run_once()
+        assert wait is not None
+        waits.append(wait)
+        clock.advance(wait)
+    assert len(down.sent) == 12 and max(waits) <= 30.0
 
 
 def test_a_permanent_refusal_is_kept_as_dead_and_does_not_block(store: Store) -> None:

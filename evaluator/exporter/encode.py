@@ -1,7 +1,8 @@
 """Alerts and figures -> OTLP requests, as pure functions (no I/O, no clock: every time is an argument).
 
-The exporter's transport only moves the bytes these functions build (STYLE habit 5), so what an alert looks like
-on the wire is pinned by golden tests on fixed inputs (tests/test_exporter_encode.py).
+The exporter's transport only moves the bytes these functions build (translation is pure and separate from
+transport), so what an alert looks like on the wire is pinned by golden tests on fixed inputs
+(tests/test_exporter_encode.py).
 
 Alert spans (`alert_spans_request`): one span per transition, because a trace backend is where people already
 look, and span links let it jump from the alert to the pipeline runs that violated.
@@ -9,8 +10,10 @@ look, and span links let it jump from the alert to the pipeline runs that violat
 - resource: service.name (default "otel-evaluator"), service.version; scope "otel-evaluator.alerts".
 - name "alert <to_state>" ("alert firing", "alert resolved", ...): low cardinality, as span names should be;
   the rule and series are attributes.
-- start = end = the transition's evaluation time: a transition is an instant, not an operation. Times are
-  rounded to whole microseconds (the store's precision) so float noise cannot change the bytes.
+- start = end = when the transition happened (its `changed_at`: the run, slot or due time it belongs to, the same
+  however the evaluations were stepped; `alert.evaluated_at` says when it was decided): a transition is an
+  instant, not an operation. Times are rounded to whole microseconds (the store's precision) so float noise
+  cannot change the bytes.
 - kind INTERNAL; status ERROR for firing (with the summary as message), OK for resolved, UNSET otherwise.
 - ids: trace_id and span_id are the first 16 and the next 8 bytes of SHA-256 over (rule_id, series, at,
   to_state). A retried send therefore carries the same ids and the receiving side (our own store included,
@@ -20,9 +23,12 @@ look, and span links let it jump from the alert to the pipeline runs that violat
   alert.name, alert.rule_id, alert.group, alert.kind, alert.state, alert.previous_state, alert.rung,
   alert.owner, alert.severity, alert.value (double, if set and finite), alert.threshold (double, or a double
   array [low, high] for bands; if set and finite), alert.consecutive_violations (int), alert.summary,
-  alert.detail (if set), alert.run_time (ISO 8601 UTC of the run that caused it, if set),
+  alert.detail (if set), alert.run_time (ISO 8601 UTC of the run that caused it, if set), alert.evaluated_at
+  (ISO 8601 UTC of the evaluation that decided it), alert.started_at (ISO 8601 UTC of the episode's first
+  violation, on firing and resolved),
   alert.label.<name> per rule label, alert.annotation.<name> per rendered annotation other than summary,
-  alert.series.<attribute> per series label (attribute names keep their dots).
+  alert.series.<attribute> per series label (attribute names keep their dots), alert.url (if the caller gives
+  the admin server's external URL: see `ladder_url`).
   Non-finite numbers are left out because OTLP receivers (ours included) reject spans that carry them; the
   summary and detail still say what happened.
 - links: one per violating run span (trace_id/span_id from hex), attribute alert.link.reason="violating run".
@@ -49,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -88,10 +95,12 @@ __all__ = [
     "alert_metrics_request",
     "alert_span",
     "alert_spans_request",
+    "alert_time",
     "any_value",
     "id_bytes",
     "iso_time",
     "key_value",
+    "ladder_url",
     "resource",
     "to_unix_nano",
 ]
@@ -178,8 +187,27 @@ def _series_attributes(series: SeriesKey) -> list[KeyValue]:
     return [key_value(f"alert.series.{name}", value) for name, value in series]
 
 
-def alert_attributes(event: AlertEvent) -> list[KeyValue]:
-    """The span attributes of one alert, in a fixed order (see the module docstring)."""
+def alert_time(t: Transition) -> float:
+    """The time an alert is about: when its episode started for a firing alert (a re-send then carries the same
+    time), when the transition happened otherwise."""
+    if t.to_state == FIRING and t.started_at is not None:
+        return t.started_at
+    return t.at
+
+
+def ladder_url(base_url: str, series: SeriesKey, at: float) -> str:
+    """Where to start looking at an alert: the admin server's /ladder of the series' dataset (`data.dataset`), or
+    of every dataset when the series has none, with the alert's time as `at` (ignored by /ladder today; for a
+    console that shows the ladder as it was). The time is written as the store keeps it (UTC, whole
+    microseconds), so an alert re-sent from the store carries the same URL as its first send."""
+    query = [("dataset", v) for k, v in series if k == "data.dataset" and v]
+    query.append(("at", datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")))
+    return f"{base_url.rstrip('/')}/ladder?{urllib.parse.urlencode(query)}"
+
+
+def alert_attributes(event: AlertEvent, base_url: str | None = None) -> list[KeyValue]:
+    """The span attributes of one alert, in a fixed order (see the module docstring); `alert.url` when base_url
+    (the admin server's external URL) is given."""
     rule, t = event.rule, event.transition
     attrs = [
         key_value("alert.name", rule.name),
@@ -206,10 +234,16 @@ def alert_attributes(event: AlertEvent) -> list[KeyValue]:
         attrs.append(key_value("alert.detail", t.detail))
     if t.run_at is not None:
         attrs.append(key_value("alert.run_time", iso_time(t.run_at)))
+    if t.evaluated_at is not None:
+        attrs.append(key_value("alert.evaluated_at", iso_time(t.evaluated_at)))
+    if t.started_at is not None:
+        attrs.append(key_value("alert.started_at", iso_time(t.started_at)))
     attrs.extend(key_value(f"alert.label.{k}", v) for k, v in rule.labels)
     attrs.extend(key_value(f"alert.annotation.{k}", v) for k, v in sorted(event.annotations.items())
                  if k != "summary")
     attrs.extend(_series_attributes(t.series))
+    if base_url is not None:
+        attrs.append(key_value("alert.url", ladder_url(base_url, t.series, alert_time(t))))
     return attrs
 
 
@@ -222,7 +256,7 @@ def _status(event: AlertEvent) -> Status:
     return Status()
 
 
-def alert_span(event: AlertEvent) -> Span:
+def alert_span(event: AlertEvent, base_url: str | None = None) -> Span:
     """One alert transition as a span (see the module docstring for every choice)."""
     t = event.transition
     trace_id, span_id = alert_ids(t)
@@ -236,7 +270,7 @@ def alert_span(event: AlertEvent) -> Span:
         kind=Span.SPAN_KIND_INTERNAL,
         start_time_unix_nano=at,
         end_time_unix_nano=at,
-        attributes=alert_attributes(event),
+        attributes=alert_attributes(event, base_url),
         links=links,
         status=_status(event),
     )
@@ -247,8 +281,10 @@ def alert_spans_request(
     *,
     service_name: str = SERVICE_NAME,
     service_version: str = evaluator.__version__,
+    base_url: str | None = None,
 ) -> ExportTraceServiceRequest:
-    """One span per alert transition, in the order given, under one resource and scope.
+    """One span per alert transition, in the order given, under one resource and scope. base_url: the admin
+    server's external URL, for each span's `alert.url`.
 
     Deterministic: the same events give the same bytes (ids are hashes, times are arguments), so a retried
     export is recognisably the same. An empty sequence gives an empty request.
@@ -256,7 +292,7 @@ def alert_spans_request(
     if not events:
         return ExportTraceServiceRequest()
     scope = ScopeSpans(scope=InstrumentationScope(name=ALERTS_SCOPE, version=service_version),
-                       spans=[alert_span(e) for e in events])
+                       spans=[alert_span(e, base_url) for e in events])
     return ExportTraceServiceRequest(resource_spans=[
         ResourceSpans(resource=resource(service_name, service_version), scope_spans=[scope]),
     ])

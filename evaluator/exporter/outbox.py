@@ -4,8 +4,10 @@ The rule engine writes each evaluation's alert spans (one serialized OTLP reques
 same transaction that records the transitions, so an alert that is in `alerts` is also waiting to be sent. The
 OutboxSender sends each destination's rows strictly in order (the oldest first; a row that fails holds back the
 ones behind it, so alerts arrive in the order they happened), deletes a row when the receiver acknowledges it,
-and backs off with jitter on retryable failures, honouring the receiver's RetryInfo / Retry-After. The state is in
-DuckDB, so a restart resumes where it stopped. A row refused for good (e.g. INVALID_ARGUMENT) is marked dead:
+and backs off with jitter on retryable failures, honouring the receiver's RetryInfo / Retry-After. The longest
+wait between retries is capped per destination (`max_backoff`: a page to Alertmanager should not wait minutes
+after an outage ends), the receiver's own delay only by `backoff_max`. The state is in DuckDB, so a restart
+resumes where it stopped. A row refused for good (e.g. INVALID_ARGUMENT) is marked dead:
 kept for inspection and counted, not retried. Time comes from the injected clock; shutdown interrupts a backoff
 wait.
 """
@@ -50,16 +52,20 @@ class OutboxSender(PeriodicWorker):
         *,
         backoff_initial: float = 1.0,
         backoff_max: float = 300.0,
+        max_backoff: Mapping[str, float] | None = None,
         idle_poll: float = 1.0,
         rng: random.Random | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
+        """backoff_max: the longest wait between retries, the receiver's RetryInfo / Retry-After included;
+        max_backoff: per destination, a shorter cap for the sender's own exponential backoff."""
         super().__init__("outbox-sender", idle_poll)
         self._cursor = cursor_factory
         self._transports = dict(transports)
         self._clock = clock
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._max_backoff = dict(max_backoff or {})
         self._rng = rng or random.Random()
         self._log = log or structlog.get_logger("outbox")
         self._sent = telemetry.counter("exports_sent_total", "Outbox requests acknowledged by the receiver.",
@@ -126,7 +132,7 @@ class OutboxSender(PeriodicWorker):
                 self._log.error("receiver refused alerts for good; kept in the outbox as dead",
                                 destination=destination, seq=seq, error=result.error)
                 return
-            delay = self.backoff(attempts, result.retry_after)
+            delay = self.backoff(attempts, result.retry_after, destination)
             cur.execute("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
                         "WHERE seq = ?", [_dt(now + delay), result.error, seq])
             if attempts == 0:
@@ -135,13 +141,14 @@ class OutboxSender(PeriodicWorker):
         finally:
             cur.close()
 
-    def backoff(self, attempts: int, retry_after: float | None) -> float:
-        """The receiver's delay when it gave one; else exponential from backoff_initial, capped, with +-50% jitter
-        so that many evaluators do not retry in step."""
+    def backoff(self, attempts: int, retry_after: float | None, destination: str | None = None) -> float:
+        """The receiver's delay when it gave one (at most backoff_max); else exponential from backoff_initial with
+        +-50% jitter, so that many evaluators do not retry in step, and never above the destination's cap."""
         if retry_after is not None and retry_after >= 0:
             return min(retry_after, self._backoff_max)
-        base = min(self._backoff_max, self._backoff_initial * 2 ** min(attempts, 30))
-        return base * self._rng.uniform(0.5, 1.5)
+        cap = min(self._backoff_max, self._max_backoff.get(destination or "", self._backoff_max))
+        base = min(cap, self._backoff_initial * 2 ** min(attempts, 30))
+        return min(cap, base * self._rng.uniform(0.5, 1.5))
 
     def depth(self) -> dict[str, tuple[int, int]]:
         cur = self._cursor()
