@@ -60,108 +60,95 @@ def _rule_parsers(sub: argparse._SubParsersAction) -> None:
                                    "Each test runs on a fresh DuckDB file through the real ingest path and engine.")
     p.add_argument("paths", nargs="+", metavar="FILE", help="test files (*.test.yaml)")
 
-    p = sub.add_parser("ladder", help="the four rungs per dataset, top-down, and where to start",
-                       description="Per dataset, the four rungs (freshness, completeness, distribution, prediction "
-                                   "quality) with each rung's status, value, since when and owner; the first firing "
-                                   "rung is marked as where to start. Asks the running daemon's admin endpoint; when "
-                                   "none answers, reads the DuckDB file (read-only).")
-    p.add_argument("--dataset", metavar="NAME", help="one dataset (the series label data.dataset)")
+    p = sub.add_parser("ladder", help="every rule on its rung, per dataset, model or series, and where to start",
+                       description="Per subject (a dataset, a model, a series; docs/postmortem.md), the four rungs "
+                                   "(freshness, completeness, distribution, prediction quality) top-down, each with "
+                                   "every rule that judges it: status, value, since when and owner; the first rung "
+                                   "that is not ok is marked as where to start. Asks the daemon's admin endpoint; "
+                                   "with neither --admin nor --db and no daemon answering, reads ./evaluator.duckdb "
+                                   "(read-only) and says so. Exit 0 ok, 1 --dataset/--model/--subject names nothing "
+                                   "on the ladder (the known names are listed), 2 no daemon and no readable file, or "
+                                   "bad usage.")
+    pick = p.add_mutually_exclusive_group()
+    pick.add_argument("--dataset", metavar="NAME", help="one dataset (the series label data.dataset)")
+    pick.add_argument("--model", metavar="NAME",
+                      help="one model: name@version, or every version of a name, or a version (ml.model.*)")
+    pick.add_argument("--subject", metavar="NAME", help="any subject by the name the ladder shows")
     p.add_argument("--service", metavar="NAME",
-                   help="the datasets whose runs come from this service (spans with that service.name naming them)")
+                   help="the subjects that spans with this service.name name (their data.dataset, model, labels)")
     add_admin_arguments(p)
     _add_db_fallback(p)
+    p.add_argument("--rules", action="append", metavar="PATH",
+                   help="with --db: the rule files the daemon ran, to place every rule on its rung (without them, "
+                        "a rule's rung is the one its last transition recorded)")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
-    p = sub.add_parser("eval", help="evaluate rules once, at a given time, over a stopped daemon's file",
-                       description="Evaluate every rule once at --at over a DuckDB file (opened read-only; stop "
-                                   "the daemon first, or copy its file) and print each rule, series, value, "
-                                   "threshold and state. Alert state starts empty: per-run rules judge the runs "
-                                   "within their lookback. Exit 1 if a rule failed.")
+    p = sub.add_parser("eval", help="evaluate rules at given times over a stopped daemon's file",
+                       description="Evaluate every rule at --at over a DuckDB file (opened read-only; stop the "
+                                   "daemon first, or copy its file) and print each rule, series, value, threshold "
+                                   "and state: what a daemon started at that time says then, with the daemon's own "
+                                   "evaluation code (docs/rules.md, \"One evaluation semantics\"). Several times "
+                                   "print every rule's value per time. Exit 1 if a rule failed.")
     p.add_argument("--db", required=True, metavar="PATH", help="the DuckDB file")
-    p.add_argument("--rules", required=True, action="append", metavar="PATH", help="rule file or folder")
-    p.add_argument("--at", required=True, metavar="TIME",
-                   help="ISO-8601 (UTC unless a zone is given), unix seconds, or now")
+    p.add_argument("--rules", required=True, action="append", metavar="PATH",
+                   help="rule file or folder (repeatable)")
+    p.add_argument("--at", required=True, nargs="+", action="extend", metavar="TIME",
+                   help="one or more times: ISO-8601 (UTC unless a zone is given), unix seconds, or now")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
     p = sub.add_parser("replay", help="re-evaluate history and print the transitions that would have happened",
-                       description="Evaluate every rule at --from, --from + --step, ... up to --to over a DuckDB "
-                                   "file (read-only, state in memory) and print the alert transitions: for "
-                                   "postmortems and for tuning thresholds.")
+                       description="Evaluate every rule group from --from to --to over a DuckDB file (read-only, "
+                                   "state in memory) as a daemon started at --from would have, and print the alert "
+                                   "transitions: for postmortems and for tuning thresholds. Each group is evaluated "
+                                   "at its own slots (multiples of its interval), or every --step when given.")
     p.add_argument("--db", required=True, metavar="PATH", help="the DuckDB file")
-    p.add_argument("--rules", required=True, action="append", metavar="PATH", help="rule file or folder")
+    p.add_argument("--rules", required=True, action="append", metavar="PATH",
+                   help="rule file or folder (repeatable)")
     p.add_argument("--from", dest="start", required=True, metavar="TIME", help="first evaluation time")
     p.add_argument("--to", dest="end", required=True, metavar="TIME", help="last evaluation time (inclusive)")
-    p.add_argument("--step", required=True, metavar="DURATION", help="e.g. 1h, 1d")
+    p.add_argument("--step", metavar="DURATION",
+                   help="evaluate every DURATION from --from (e.g. 1h, 1d) instead of at each group's slots")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
 
 def cmd_ladder(args: argparse.Namespace) -> int:
-    import json
-    import urllib.parse
-
-    from evaluator.admin.client import AdminError, ask_daemon, open_file_store
-    from evaluator.postmortem.ladder import DatasetLadder, build_ladder, render_table
-    from evaluator.store.store import StoreError
+    from evaluator.postmortem.ladder import ladder_command
 
     configure_logging("warning")
-
-    params = {k: v for k, v in (("dataset", args.dataset), ("service", args.service)) if v}
-    query = "?" + urllib.parse.urlencode(params) if params else ""
-    try:
-        data = ask_daemon(args, lambda client: client.get_json("/ladder" + query))
-    except (AdminError, ValueError) as exc:
-        print(f"otel-evaluator: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if data is not None:
-        ladders = [DatasetLadder.from_dict(d) for d in data]
-    else:
-        try:
-            store = open_file_store(args)
-        except StoreError as exc:
-            print(f"otel-evaluator: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        cur = store.cursor()
-        try:
-            ladders = build_ladder(cur, args.dataset, args.service)
-        finally:
-            cur.close()
-            store.shutdown()
-    if args.format == "json":
-        print(json.dumps([lad.as_dict() for lad in ladders], indent=2))
-    else:
-        scope = " of service " + args.service if args.service else ""
-        sys.stdout.write(render_table(ladders, f"no dataset{scope} has alert state yet"))
-    return EXIT_OK
+    return ladder_command(args, sys.stdout, sys.stderr)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from evaluator.rules.ruletest import run_test_files
+    from evaluator.commands.rules import run_tests
 
     configure_logging("warning")
-    return run_test_files(args.paths, sys.stdout, sys.stderr)
+    return run_tests(args.paths, sys.stdout, sys.stderr)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from evaluator.rules.commands import check
+    from evaluator.commands.rules import check
 
     return check(args.paths, sys.stdout, sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from evaluator.clock import SystemClock
-    from evaluator.rules.commands import evaluate_at, parse_time
+    from evaluator.commands.common import parse_time
+    from evaluator.commands.rules import evaluate_at
 
     configure_logging("warning")
+    now = SystemClock().now()
     try:
-        at = parse_time(args.at, now=SystemClock().now())
+        times = [parse_time(t, now=now) for t in args.at]
     except ValueError as exc:
         print(f"otel-evaluator: --at: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return evaluate_at(args.db, args.rules, at, args.format, sys.stdout, sys.stderr)
+    return evaluate_at(args.db, args.rules, times, args.format, sys.stdout, sys.stderr)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from evaluator.rules.commands import parse_time, progress_stream, replay
+    from evaluator.commands.common import parse_time, progress_stream
+    from evaluator.commands.rules import replay
 
     configure_logging("warning")
     try:
@@ -228,20 +215,25 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the payments story end to end in under a minute: send, evaluate, the ladder",
                        description="Send 14 healthy days and then the broken day of the payments feature pipeline "
                                    "with the OpenTelemetry SDK, evaluate the rules now and print the ladder, with "
-                                   "freshness as where to start. When no daemon answers at --admin (or with "
-                                   "--local) it starts one with the repository's payments rules in a temporary "
-                                   "directory; otherwise it uses that daemon (send to --endpoint, POST /evaluate). "
-                                   "Exit 0 when freshness was shown as the first failing rung, 1 otherwise, 2 bad "
-                                   "usage, 3 the demo daemon did not start.")
+                                   "freshness as where to start. With --local, --keep or --rules, or when no daemon "
+                                   "answers at the default admin address, it starts one with the repository's "
+                                   "payments rules (its store in a temporary directory, or in --keep DIR); otherwise "
+                                   "it uses the "
+                                   "daemon at --admin (send to --endpoint, POST /evaluate), says so first, and the "
+                                   "demo's spans stay in that daemon's store. Exit 0 when freshness was shown as the "
+                                   "first failing rung, 1 otherwise, 2 bad usage (also: nothing answers at an --admin "
+                                   "given), 3 the demo daemon did not start.")
     add_admin_arguments(p)
-    p.add_argument("--endpoint", default="127.0.0.1:4317", metavar="HOST:PORT",
+    p.add_argument("--endpoint", metavar="HOST:PORT",
                    help="with a running daemon: its OTLP/gRPC address (default 127.0.0.1:4317)")
-    p.add_argument("--local", action="store_true", help="start a temporary daemon even if one answers at --admin")
+    p.add_argument("--local", action="store_true",
+                   help="start a daemon of the demo's own even if one answers at the default admin address")
     p.add_argument("--keep", metavar="DIR",
-                   help="the started daemon's DuckDB file goes to DIR/evaluator.duckdb and stays (default: a "
-                        "temporary directory, removed at the end)")
+                   help="start a daemon of the demo's own (as --local) whose DuckDB file goes to "
+                        "DIR/evaluator.duckdb and stays (default: a temporary directory, removed at the end)")
     p.add_argument("--rules", action="append", metavar="PATH",
-                   help="the started daemon's rule file or folder (repeatable; default: the repository's rules/)")
+                   help="start a daemon of the demo's own (as --local) with this rule file or folder "
+                        "(repeatable; default: the repository's rules/)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,10 +1,15 @@
-"""The admin client the CLI commands use: token sources, and telling "nothing answers" from "answered: no"."""
+"""The admin client the CLI commands use: token sources, telling "nothing answers" from "answered: no", and where
+ladder, sql and export read from: an --admin given is the only source asked; the implicit fallback to
+./evaluator.duckdb says so."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +20,15 @@ from evaluator.admin.client import (
     AdminClient,
     AdminError,
     AdminUnavailable,
+    NothingAnswers,
     add_admin_arguments,
     ask_daemon,
     client_from_args,
+    open_file_store,
     source_choice,
 )
 from evaluator.httpbase import HttpServer, Request, Response, text
+from evaluator.store.store import Store, StoreSettings
 
 
 @pytest.fixture
@@ -44,6 +52,12 @@ def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_admin_arguments(parser)
     return parser.parse_args(list(argv))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens there
 
 
 def test_token_from_env_and_file_file_wins(tmp_path: Path, echo: str) -> None:
@@ -70,11 +84,8 @@ def test_refusal_is_an_error_and_silence_is_unavailable(echo: str) -> None:
     with pytest.raises(AdminError) as info:
         AdminClient(echo).get_json("/refuse")
     assert info.value.status == 403 and info.value.message == "go away"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]  # closed again when the block ends: nothing listens there
     with pytest.raises(AdminUnavailable, match="no daemon answering"):
-        AdminClient(f"http://127.0.0.1:{free}", timeout=2).get_json("/ladder")
+        AdminClient(f"http://127.0.0.1:{_free_port()}", timeout=2).get_json("/ladder")
 
 
 def test_a_401_says_how_to_pass_a_token(echo: str) -> None:
@@ -84,36 +95,77 @@ def test_a_401_says_how_to_pass_a_token(echo: str) -> None:
         AdminClient(echo, token="wrong").get_json("/locked")
 
 
+def _db_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_admin_arguments(parser)
+    parser.add_argument("--db")
+    return parser.parse_args(list(argv))
+
+
 def test_db_without_admin_means_that_file_only() -> None:
     """ladder, sql and export: a --db given alone is read as is, never mixed up with a live daemon's store."""
-    def args(*argv: str) -> argparse.Namespace:
-        parser = argparse.ArgumentParser()
-        add_admin_arguments(parser)
-        parser.add_argument("--db")
-        return parser.parse_args(list(argv))
-
-    assert source_choice(args()) == (False, "./evaluator.duckdb")
-    assert source_choice(args("--db", "kept.duckdb")) == (True, "kept.duckdb")
-    assert source_choice(args("--db", "kept.duckdb", "--admin", "http://h:1")) == (False, "kept.duckdb")
+    assert source_choice(_db_args()) == (False, "./evaluator.duckdb")
+    assert source_choice(_db_args("--db", "kept.duckdb")) == (True, "kept.duckdb")
+    assert source_choice(_db_args("--db", "kept.duckdb", "--admin", "http://h:1")) == (False, "kept.duckdb")
+    # --admin given as the default address is still given: it is the only source then
+    assert source_choice(_db_args("--admin", "http://127.0.0.1:13133")) == (False, "./evaluator.duckdb")
+    assert _db_args().admin is None and client_from_args(_db_args(), env={}).url == "http://127.0.0.1:13133"
 
 
-def test_ask_daemon_does_not_ask_with_db_alone_and_falls_back_when_nothing_answers(echo: str) -> None:
-    def args(*argv: str) -> argparse.Namespace:
-        parser = argparse.ArgumentParser()
-        add_admin_arguments(parser)
-        parser.add_argument("--db")
-        return parser.parse_args(list(argv))
-
+def test_ask_daemon_asks_only_the_admin_given_and_falls_back_only_to_a_file_that_may_answer(echo: str) -> None:
     calls: list[str] = []
 
     def call(client: AdminClient) -> object:
         calls.append(client.url)
         return client.get_json("/echo")
 
-    assert ask_daemon(args("--db", "kept.duckdb"), call) is None and calls == []
-    assert ask_daemon(args("--admin", echo), call) == {"authorization": None, "method": "GET", "body": ""}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    assert ask_daemon(args("--admin", f"http://127.0.0.1:{free}"), call) is None
-    assert calls == [echo, f"http://127.0.0.1:{free}"]
+    assert ask_daemon(_db_args("--db", "kept.duckdb"), call) is None and calls == []
+    assert ask_daemon(_db_args("--admin", echo), call) == {"authorization": None, "method": "GET", "body": ""}
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(NothingAnswers) as info:
+        ask_daemon(_db_args("--admin", nobody), call)
+    assert str(info.value).startswith(f"nothing answers at {nobody} (") and "--db PATH" in str(info.value)
+    assert ask_daemon(_db_args("--admin", nobody, "--db", "kept.duckdb"), call) is None  # both named: the file next
+    assert calls == [echo, nobody, nobody]
+
+
+def test_the_file_answering_in_place_of_a_daemon_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(StoreSettings(str(tmp_path / "evaluator.duckdb")))
+    store.start()
+    store.shutdown()
+    monkeypatch.chdir(tmp_path)
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    for argv, note in (
+            ((), "otel-evaluator: no daemon answers at http://127.0.0.1:13133; reading ./evaluator.duckdb "
+                 "(read-only)\n"),
+            (("--admin", nobody, "--db", "evaluator.duckdb"),
+             f"otel-evaluator: no daemon answers at {nobody}; reading evaluator.duckdb (read-only)\n"),
+            (("--db", "evaluator.duckdb"), "")):  # the file asked for: nothing to say
+        err = io.StringIO()
+        open_file_store(_db_args(*argv), err).shutdown()
+        assert err.getvalue() == note, argv
+
+
+def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "evaluator", *argv], capture_output=True, text=True, timeout=60,
+                          cwd=cwd)
+
+
+def test_an_admin_given_where_nothing_answers_never_reads_a_file(tmp_path: Path) -> None:
+    """ladder, sql and export with --admin and nothing there: exit 2 and say so, although ./evaluator.duckdb (an
+    old store) is right there to be read."""
+    store = Store(StoreSettings(str(tmp_path / "evaluator.duckdb")))
+    store.start()
+    store.shutdown()
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    for argv in (("ladder", "--admin", nobody), ("sql", "--admin", nobody, "SELECT 1 AS one"),
+                 ("export", "--admin", nobody, "--to", str(tmp_path / "out"))):
+        result = _cli(*argv, cwd=tmp_path)
+        assert result.returncode == 2 and result.stdout == "", (argv, result.stdout)
+        assert result.stderr.startswith(f"otel-evaluator: nothing answers at {nobody} ("), (argv, result.stderr)
+    assert not (tmp_path / "out").exists()
+    # the same with --db as well: the user named the file, which answers, and stderr says which source answered
+    result = _cli("sql", "--admin", nobody, "--db", "evaluator.duckdb", "--format", "csv", "SELECT 1 AS one",
+                  cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout == "one\n1\n"
+    assert result.stderr == f"otel-evaluator: no daemon answers at {nobody}; reading evaluator.duckdb (read-only)\n"

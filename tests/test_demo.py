@@ -1,9 +1,11 @@
-"""`otel-evaluator demo`: with a daemon of its own (mode A) and with a running one (mode B), as a user runs it;
-the payments story's data it sends."""
+"""`otel-evaluator demo`: with a daemon of its own (mode A) and with a running one (mode B), as a user runs it,
+saying up front whose store the spans go into; options that contradict each other refused; the payments story's
+data it sends."""
 
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,6 @@ from evaluator.testing import daemon_process
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTS = ["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
-NOBODY = "http://127.0.0.1:9"  # no daemon answers there
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -25,10 +26,14 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
                           cwd=cwd)
 
 
-def _start_line(out: str) -> str:
-    lines = [ln for ln in out.splitlines() if "<- start here" in ln]
-    assert len(lines) == 1, out
-    return lines[0]
+def _start_line(out: str, subject: str = payments.DATASET) -> str:
+    """The rung marked "start here" in the block of one subject of a printed ladder (each subject has its own)."""
+    lines = out.splitlines()
+    block = lines[lines.index(subject) + 1:]
+    block = block[:next((i for i, ln in enumerate(block) if not ln.startswith("  ")), len(block))]
+    marked = [ln for ln in block if "<- start here" in ln]
+    assert len(marked) == 1, out
+    return marked[0]
 
 
 def test_story_data_is_the_scenario() -> None:
@@ -58,7 +63,7 @@ def test_story_data_is_the_scenario() -> None:
 
 @pytest.mark.slow
 def test_demo_starts_its_own_daemon_and_names_freshness_first(tmp_path: Path) -> None:
-    result = _cli("demo", "--admin", NOBODY, cwd=tmp_path)
+    result = _cli("demo", "--local", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     start = _start_line(result.stdout)
     assert "1. freshness" in start and "firing" in start and "(data-platform)" in start
@@ -85,8 +90,8 @@ def test_demo_keeps_its_store_for_ladder_and_sql(tmp_path: Path) -> None:
     assert counts == {payments.RUN_SPAN: 15, payments.TXN_SPAN: 620}
     assert firing == ["PaymentsAmountDrift", "PaymentsAmountMedian", "PaymentsAmountPSI", "PaymentsFreshnessLag",
                       "PaymentsRowCount"]
-    ladder = _cli("ladder", "--admin", NOBODY, "--db", str(db))
-    assert ladder.returncode == 0, ladder.stderr
+    ladder = _cli("ladder", "--db", str(db), "--rules", str(ROOT / "rules"))
+    assert ladder.returncode == 0 and ladder.stderr == "", ladder.stderr
     assert ladder.stdout.splitlines()[0] == payments.DATASET
     assert "1. freshness" in _start_line(ladder.stdout)
     again = _cli("demo", "--local", "--keep", str(keep))
@@ -99,7 +104,14 @@ def test_demo_against_a_running_daemon(tmp_path: Path) -> None:
         t0 = time.monotonic()
         result = _cli("demo", "--admin", proc.admin_url, "--endpoint", proc.grpc_endpoint)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert f"using the daemon at {proc.admin_url}" in result.stdout
+        lines = result.stdout.splitlines()
+        # said before anything is sent: which daemon, which store, and that the spans stay there
+        assert lines[1] == (f"  using the daemon at {proc.admin_url}: the demo's spans go to its OTLP/gRPC endpoint "
+                            f"{proc.grpc_endpoint} and into its store ({tmp_path / 'evaluator.duckdb'}), and stay "
+                            "there: the demo cannot take them out again, and the daemon's rules judge them like any "
+                            "other data."), result.stdout
+        assert lines[2] == "  For a store of the demo's own: otel-evaluator demo --local (or --keep DIR)"
+        assert lines[3].startswith("  sent 15 daily runs")
         assert "1. freshness" in _start_line(result.stdout)
         assert "otel_evaluator_spans_stored_total 635" in proc.metrics(), time.monotonic() - t0
         assert proc.stop() == 0
@@ -112,9 +124,28 @@ def test_demo_says_plainly_when_the_running_daemon_has_no_payments_rules(tmp_pat
         assert proc.stop() == 0
     assert result.returncode == 1
     assert "has no payments rules loaded" in result.stdout and "--rules rules/" in result.stdout
-    assert "no dataset has alert state yet" in result.stdout
+    assert f"the ladder is empty: the daemon at {proc.admin_url} has no rules loaded" in result.stdout
 
 
 def test_demo_without_its_rules_fails_clearly(tmp_path: Path) -> None:
     result = _cli("demo", "--local", "--rules", str(tmp_path / "nowhere"))
     assert result.returncode == 2 and "no such file or folder" in result.stderr
+
+
+def test_demo_refuses_what_it_would_otherwise_ignore(tmp_path: Path) -> None:
+    """--keep (a store of the demo's own daemon) with --admin or --endpoint (a running daemon), and an --admin
+    where nothing answers (the demo would start a daemon of its own in its place): exit 2, nothing started."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again when the block ends
+    keep = tmp_path / "demo"
+    both = _cli("demo", "--keep", str(keep), "--admin", nobody)
+    assert both.returncode == 2 and both.stdout == "" and not keep.exists()
+    assert both.stderr == ("otel-evaluator: --keep runs the demo on a daemon of its own, and --admin names a running "
+                           "daemon to use instead: give one or the other\n")
+    local = _cli("demo", "--local", "--endpoint", "127.0.0.1:4317")
+    assert local.returncode == 2 and "--local runs the demo on a daemon of its own, and --endpoint" in local.stderr
+    absent = _cli("demo", "--admin", nobody)
+    assert absent.returncode == 2 and absent.stdout == ""
+    assert absent.stderr.startswith(f"otel-evaluator: nothing answers at {nobody} (")
+    assert "drop --admin to let the demo start its own" in absent.stderr

@@ -1,12 +1,13 @@
 """Admin HTTP: /healthz (the process answers), /readyz (every component is up), /metrics (Prometheus text),
-/ladder (the four rungs per dataset, JSON; ?dataset= or ?service= to pick), /alerts (pending and firing, JSON)
+/ladder (per subject, the rungs with every rule's series, JSON; ?dataset=, ?model=, ?subject=, ?service= to pick; an
+unknown name is 404 with the known ones), /alerts (pending and firing, JSON)
 and POST /evaluate (evaluate every rule group now; the groups and the transitions, JSON) and POST /query (one
 read-only SQL statement over the store, as JSON, CSV or Arrow; evaluator/postmortem/query.py)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ import duckdb
 import structlog
 
 from evaluator.httpbase import BodyTooLarge, HttpServer, Request, Response, text
-from evaluator.postmortem.ladder import build_ladder, current_alerts
+from evaluator.postmortem.ladder import UnknownSubject, build_ladder, current_alerts, rule_infos, select_subjects
 from evaluator.postmortem.query import FORMATS, QueryLimits, QueryProblem, QueryRunner, parse_request
 from evaluator.security.auth import Authenticator
 from evaluator.security.tls import TlsSettings
@@ -27,6 +28,7 @@ class AdminSettings:
     max_connections: int = 16
     tls: TlsSettings | None = None
     query: QueryLimits = field(default_factory=QueryLimits)  # POST /query: row and time limits, concurrency
+    external_url: str | None = None  # where people reach this server (alert links); None: derived from listen
 
 
 # Kubernetes probes need no token: with auth configured every other path (present and future) requires one.
@@ -43,10 +45,13 @@ class AdminServer:
         cursor_factory: Callable[[], duckdb.DuckDBPyConnection] | None = None,
         auth: Authenticator | None = None,
         evaluate: Callable[[], dict[str, Any]] | None = None,
+        rules: Callable[[], Iterable[Any]] | None = None,
     ) -> None:
         """ready() returns None when ready, or why not; cursor_factory serves /ladder and /alerts; evaluate()
-        serves POST /evaluate (it raises RuntimeError when the daemon cannot evaluate now)."""
+        serves POST /evaluate (it raises RuntimeError when the daemon cannot evaluate now); rules() returns the
+        loaded rules, which /ladder places on their rungs (None: the rules the store knows of)."""
         self._evaluate = evaluate
+        self._rules = rules
         self._telemetry = telemetry
         self._ready = ready
         self._cursor = cursor_factory
@@ -93,11 +98,18 @@ class AdminServer:
             cur.close()
 
     def _ladder(self, request: Request) -> Response:
-        values = request.query.get("dataset")
-        dataset = values[0] if values else None
-        services = request.query.get("service")
-        service = services[0] if services else None
-        return self._from_store(lambda cur: [lad.as_dict() for lad in build_ladder(cur, dataset, service)])
+        def first(name: str) -> str | None:
+            values = request.query.get(name)
+            return values[0] if values else None
+
+        service = first("service")
+        rules = rule_infos(self._rules()) if self._rules is not None else None
+        try:
+            return self._from_store(lambda cur: [s.as_dict() for s in select_subjects(
+                build_ladder(cur, rules, service).subjects, first("dataset"), first("model"), first("subject"),
+                f" of service {service}" if service else "")])
+        except UnknownSubject as exc:
+            return Response(404, json.dumps({"error": str(exc), "known": exc.known}).encode(), "application/json")
 
     def _evaluate_now(self, request: Request) -> Response:
         if request.method != "POST":
