@@ -35,7 +35,7 @@ from evaluator.receiver.columns import (
     SpanColumns,
 )
 from evaluator.rules.engine import DuckDBState, RuleEngine
-from evaluator.rules.kinds import KINDS
+from evaluator.rules.kinds import new_kinds
 from evaluator.rules.model import BaselineSpec, Condition, Rule, RuleGroup, RuleSet, Selector, ThresholdSpec
 from evaluator.store.store import Store, StoreSettings
 from evaluator.store.writer import SpanWriter
@@ -109,7 +109,7 @@ def main() -> int:
         cur = store.cursor()
         cur.execute("DELETE FROM alert_state")  # a fresh start for the "first" measurement
         cur.close()
-        engine = RuleEngine(store.cursor, KINDS, DuckDBState(store.cursor), tel)
+        engine = RuleEngine(store.cursor, new_kinds(), DuckDBState(store.cursor), tel)
         engine.load(ruleset)
         ts = T0 + (day - 1) * DAY + 7 * 3600
         t = time.perf_counter()

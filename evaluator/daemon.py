@@ -17,7 +17,7 @@ import structlog
 
 from evaluator.admin.server import AdminServer
 from evaluator.clock import Clock, SystemClock
-from evaluator.config import Config
+from evaluator.config import Config, admin_external_url
 from evaluator.exporter.alertmanager import (
     ALERTMANAGER,
     AlertmanagerRefresher,
@@ -32,11 +32,12 @@ from evaluator.exporter.transport import Transport, make_transport
 from evaluator.receiver.grpc_server import GrpcReceiver
 from evaluator.receiver.http_server import HttpReceiver
 from evaluator.receiver.ingest import Ingestor
-from evaluator.rules.engine import DuckDBState, OutboxEncoder, RuleEngine
-from evaluator.rules.kinds import KINDS
+from evaluator.rules.backends import DuckDBState, OutboxEncoder
+from evaluator.rules.engine import DEFAULT_MAX_CATCH_UP, RuleEngine
+from evaluator.rules.kinds import new_kinds
 from evaluator.rules.loader import load_rules
 from evaluator.rules.model import RuleSet
-from evaluator.rules.reach import cut_short
+from evaluator.rules.reach import cut_short, describe_range, kept_ranges, retention_problems
 from evaluator.rules.scheduler import GroupScheduler
 from evaluator.security.auth import Authenticator, TokenError
 from evaluator.store.checkpointer import Checkpointer
@@ -91,7 +92,8 @@ class Daemon:
                      if config.http else None)
         self.admin = AdminServer(config.admin, self.telemetry, self._not_ready_reason,
                                  log=self.log.bind(component="admin"), cursor_factory=self.store.cursor,
-                                 auth=self.auth, evaluate=self.evaluate_now)
+                                 auth=self.auth, evaluate=self.evaluate_now,
+                                 rules=lambda: self.engine.ruleset.rules())
         environ = os.environ if env is None else env
         try:
             traces = from_env(environ, "traces", base=config.exporter)
@@ -106,27 +108,33 @@ class Daemon:
                                            log=self.log.bind(component="metrics"))
         transports: dict[str, Transport] = {}
         encoders: dict[str, OutboxEncoder] = {}
+
+        def alert_base_url() -> str:  # alert links point at the admin server (its port is bound at start)
+            return admin_external_url(config.admin, self.admin.port)
+
         if transport is not None:
             transports[TRACES] = transport
-            encoders[TRACES] = lambda events: alert_spans_request(events).SerializeToString()
+            encoders[TRACES] = lambda events: alert_spans_request(
+                events, base_url=alert_base_url()).SerializeToString()
         am = config.alertmanager
         self.alertmanager: AlertmanagerRefresher | None = None
         if am.url:
-            am_transport = AlertmanagerTransport(am)
+            am_transport = AlertmanagerTransport(am, self.clock)  # one, shared: re-sends keep the outbox's order
             transports[ALERTMANAGER] = am_transport
-            encoders[ALERTMANAGER] = lambda events: transitions_payload(events, am.resend_interval)
+            encoders[ALERTMANAGER] = lambda events: transitions_payload(events, alert_base_url())
             self.alertmanager = AlertmanagerRefresher(
-                AlertmanagerTransport(am), self.store.cursor, lambda: {r.id: r for r in self.engine.ruleset.rules()},
-                self.clock, self.telemetry, am, log=self.log.bind(component="alertmanager"))
+                am_transport, self.store.cursor, lambda: {r.id: r for r in self.engine.ruleset.rules()},
+                self.clock, self.telemetry, am, alert_base_url, log=self.log.bind(component="alertmanager"))
         self.outbox: OutboxSender | None = None
         state = DuckDBState(self.store.cursor)
         if transports:
             self.outbox = OutboxSender(self.store.cursor, transports, self.clock, self.telemetry,
+                                       max_backoff={ALERTMANAGER: am.max_backoff_seconds},
                                        log=self.log.bind(component="outbox"))
             state = DuckDBState(self.store.cursor, encoders, self.outbox.wake)
         self.exporter_endpoint = traces.endpoint
-        self.engine = RuleEngine(self.store.cursor, KINDS, state, self.telemetry,
-                                 log=self.log.bind(component="rules"))
+        self.engine = RuleEngine(self.store.cursor, new_kinds(), state, self.telemetry,
+                                 log=self.log.bind(component="rules"), max_catch_up=DEFAULT_MAX_CATCH_UP)
         self.scheduler = GroupScheduler(self.engine, self.clock, self.telemetry,
                                         log=self.log.bind(component="scheduler"))
         self._ready = False
@@ -156,8 +164,8 @@ class Daemon:
         """Start everything or, if a part fails, stop what started and raise."""
         with self._lock:
             ruleset = load_rules(list(self.config.rules)) if self.config.rules else RuleSet()
+            self._fit_retention(ruleset)  # InvalidConfig: an explicit span retention deletes what a rule reads
             self.engine.load(ruleset)
-            self._fit_retention(ruleset)
             try:
                 self.store.start()
                 self.checkpointer.start()
@@ -189,40 +197,47 @@ class Daemon:
             )
 
     def _fit_retention(self, ruleset: RuleSet) -> None:
-        """Raw spans must outlive the longest history a rule reads. Unless store.retention.spans is set, it is
-        lengthened to that history plus a day; when it is set and too short, each rule cut short is logged."""
+        """Raw spans must outlive what a rule reads: its moving window and any fixed range (reach.py).
+
+        `store.retention.spans` unset: it is lengthened to the longest moving window plus a day, and the spans of
+        the rules' fixed ranges are spared. Set explicitly, it is kept exactly, and rules reading spans it deletes
+        are refused with InvalidConfig naming each rule, its file:line and the dates it needs, before anything
+        changes (so a refused reload leaves the running rules and retention as they were)."""
         settings = self.config.retention
         kept = settings.spans_seconds
         if kept is None or not settings.enabled:
             return
-        short = cut_short(ruleset, kept)
-        if not short:
-            self.retention.spans_seconds = kept
-            return
         if settings.spans_configured:
-            for rule_id, reach in short:
-                self.log.warning("a rule reads further back than spans are kept (store.retention.spans): its "
-                                 "history will be cut short", rule=rule_id, reads_days=round(reach / DAY, 2),
-                                 kept_days=round(kept / DAY, 2))
+            problems = retention_problems(ruleset, kept, self.clock.now())
+            if problems:
+                raise InvalidConfig(problems)
+            self.retention.spans_seconds, self.retention.kept_ranges = kept, ()
             return
-        rule_id, reach = max(short, key=lambda item: item[1])
-        self.retention.spans_seconds = reach + DAY
-        self.log.info("raw span retention lengthened to cover the longest rule history", rule=rule_id,
-                      reads_days=round(reach / DAY, 2), kept_days=round((reach + DAY) / DAY, 2))
+        short = cut_short(ruleset, kept)
+        ranges = kept_ranges(ruleset)
+        self.retention.spans_seconds = kept
+        if short:
+            rule_id, reach = max(short, key=lambda item: item[1])
+            self.retention.spans_seconds = reach + DAY
+            self.log.info("raw span retention lengthened to cover the longest rule history", rule=rule_id,
+                          reads_days=round(reach / DAY, 2), kept_days=round((reach + DAY) / DAY, 2))
+        self.retention.kept_ranges = ranges
+        if ranges:
+            self.log.info("raw spans in the rules' fixed baseline ranges are kept past retention",
+                          ranges=[describe_range(r) for r in ranges])
 
     def reload_rules(self) -> bool:
-        """Load the rule files again (SIGHUP). Unchanged rules keep their state; an invalid set is refused and
-        the running rules stay. Returns whether the new rules are in force."""
-        from evaluator.yamlsrc import InvalidConfig
-
+        """Load the rule files again (SIGHUP). Unchanged rules keep their state; an invalid set (or one an
+        explicit span retention cuts short) is refused and the running rules stay. Returns whether the new rules
+        are in force."""
         try:
             ruleset = load_rules(list(self.config.rules)) if self.config.rules else RuleSet()
+            self._fit_retention(ruleset)
         except InvalidConfig as exc:
             self.log.error("rule reload refused: the running rules stay",
                            problems=[str(p) for p in exc.problems])
             return False
         self.engine.load(ruleset)
-        self._fit_retention(ruleset)
         if ruleset.groups:
             self.scheduler.start(ruleset.groups)  # no-op when running
         self.scheduler.reschedule(ruleset.groups)

@@ -42,7 +42,7 @@ def fill(d: RunningDaemon) -> None:
               "'data-platform', 'page', '{\"data.dataset\": \"payments\"}', 'ok', 'firing', ?, '{\"op\": \">\"}', 1, "
               "'it''s late', '{}', [{'trace_id': 'ab', 'span_id': 'cd'}])", [i, 1.5 * i])
     d.sql("INSERT INTO alert_state VALUES ('g/A', 'f1', '{}', 'firing', 2.5, NULL, 'x', NULL, NULL, NULL, NULL, 1, "
-          "NULL, 7, [])")
+          "NULL, 7, [], NULL, true)")
     d.sql("INSERT INTO rule_health VALUES ('g/A', 'g', 'A', 'threshold', 'ok', NULL, TIMESTAMP '2026-01-01', 0.01)")
     d.sql("INSERT INTO frozen_baselines VALUES ('g/B', 'f2', '{}', now(), now(), now(), [0.0, 1.0], NULL, "
           "[0.5, 0.5], 10)")

@@ -16,10 +16,23 @@ import pytest
 
 from evaluator.rules import loader
 from evaluator.rules.engine import MemoryState, RuleEngine
-from evaluator.rules.kinds import KINDS
+from evaluator.rules.kinds import new_kinds
 from evaluator.rules.kinds.distribution import DistributionKind, DistributionSpec, parse_distribution
-from evaluator.rules.model import FIRING, INACTIVE, Condition, Rule, RuleError, Sample, Selector
+from evaluator.rules.model import (
+    FIRING,
+    INACTIVE,
+    Condition,
+    KindResult,
+    Rule,
+    RuleError,
+    RuleGroup,
+    RuleSet,
+    Sample,
+    Selector,
+    SeriesCursor,
+)
 from evaluator.stats import drift
+from evaluator.store.evaluations import EvaluationRows, write_evaluation
 from evaluator.store.store import Store, StoreSettings
 from evaluator.yamlsrc import Problems, parse_yaml
 
@@ -101,7 +114,7 @@ def run(kind: DistributionKind, r: Rule, cur: duckdb.DuckDBPyConnection, ts: flo
 def samples(kind: DistributionKind, r: Rule, cur: duckdb.DuckDBPyConnection, ts: float = TS) -> list[Sample]:
     got = run(kind, r, cur, ts)
     assert not isinstance(got, RuleError), got
-    return got
+    return got.samples if isinstance(got, KindResult) else got
 
 
 def one(kind: DistributionKind, r: Rule, cur: duckdb.DuckDBPyConnection, ts: float = TS) -> Sample:
@@ -220,16 +233,26 @@ def test_histogram_source_sums_counts_over_each_window(spans: Spans, cur: duckdb
     assert isinstance(ks, RuleError) and "raw values" in str(ks)
 
 
-def test_histograms_with_different_bounds_are_an_error(spans: Spans, cur: duckdb.DuckDBPyConnection) -> None:
-    _hist_runs(spans, [TS - 10 * DAY], [[10, 200, 500, 290]])
-    _hist_runs(spans, [TS - 1 * HOUR], [[10, 200, 500, 290]], bounds=(10, 100, 2000))
-    sel = Selector(span="features.daily.run")
-    ok = rule(spec(method="psi", min_samples=10), name="ok")  # another rule still evaluates
-    bad = rule(spec(source="histogram", attribute=HIST, method="psi", min_samples=10), selector=sel, name="bad")
-    got = DistributionKind().evaluate([bad, ok], TS, cur, {})
-    assert isinstance(got["g/bad"], RuleError)
-    assert "different bounds" in str(got["g/bad"]) and "3 bounds [10, 100, 2000]" in str(got["g/bad"])
-    assert got["g/ok"] == []
+def test_a_series_with_mixed_bucket_layouts_is_no_data_alone(spans: Spans, cur: duckdb.DuckDBPyConnection) -> None:
+    """Two datasets under one rule: one producer sends a histogram with other bounds (or a wrong count length);
+    that series is "no data" with the reason, and the healthy dataset is judged as usual."""
+    for dataset, bounds in (("good", (10, 100, 1000)), ("mixed", (10, 100, 2000))):
+        spans.add([TS - 10 * DAY], arrays={f"{HIST}.histogram.bounds": [[10, 100, 1000]],
+                                           f"{HIST}.histogram.counts": [[10, 200, 500, 290]]},
+                  strings={"data.dataset": [dataset]}, name="features.daily.run")
+        spans.add([TS - HOUR], arrays={f"{HIST}.histogram.bounds": [list(bounds)],
+                                       f"{HIST}.histogram.counts": [[100, 300, 100, 0]]},
+                  strings={"data.dataset": [dataset]}, name="features.daily.run")
+    spans.add([TS - 2 * HOUR], arrays={f"{HIST}.histogram.bounds": [[10, 100, 1000]],
+                                       f"{HIST}.histogram.counts": [[1, 2, 3]]},
+              strings={"data.dataset": ["short"]}, name="features.daily.run")
+    r = rule(spec(source="histogram", attribute=HIST, method="psi", min_samples=10),
+             selector=Selector(span="features.daily.run"), group_by=("data.dataset",))
+    got = {dict(x.series)["data.dataset"]: x for x in samples(DistributionKind(), r, cur)}
+    assert got["good"].value is not None and got["good"].violated is True
+    assert got["mixed"].value is None and got["mixed"].violated is None
+    assert "3 bounds [10, 100, 2000]" in got["mixed"].detail and "3 bounds [10, 100, 1000]" in got["mixed"].detail
+    assert got["short"].violated is None and "counts" in got["short"].detail
 
 
 # -- categories ------------------------------------------------------------------------------------------------------
@@ -260,8 +283,12 @@ def test_fewer_than_min_samples_is_no_data(cur: duckdb.DuckDBPyConnection,
     assert one(DistributionKind(), rule(spec(method="psi", min_samples=500)), cur).violated is not None
 
 
-def test_no_spans_at_all_gives_no_samples(cur: duckdb.DuckDBPyConnection) -> None:
-    assert samples(DistributionKind(), rule(spec(method="psi")), cur) == []
+def test_no_spans_at_all_is_no_data_with_the_reason(cur: duckdb.DuckDBPyConnection) -> None:
+    """A rule without group_by always has its series: with nothing in either window it is "no data", never a rule
+    with no state at all; a grouped rule has no series until one is seen."""
+    (s,) = samples(DistributionKind(), rule(spec(method="psi")), cur)
+    assert s.series == () and s.violated is None and "no values of data.amount_paise in either window" in s.detail
+    assert samples(DistributionKind(), rule(spec(method="psi"), group_by=("data.dataset",)), cur) == []
 
 
 def test_group_by_makes_a_series_per_value(spans: Spans, cur: duckdb.DuckDBPyConnection) -> None:
@@ -313,29 +340,44 @@ def _frozen_count(cur: duckdb.DuckDBPyConnection) -> int:
     return int(cur.execute("SELECT count(*) FROM frozen_baselines").fetchall()[0][0])
 
 
-def test_frozen_baseline_is_captured_once_and_stored(spans: Spans, cur: duckdb.DuckDBPyConnection) -> None:
+def _result(kind: DistributionKind, r: Rule, cur: duckdb.DuckDBPyConnection, ts: float = TS,
+            prior: Any = None) -> KindResult:
+    got = kind.evaluate([r], ts, cur, prior or {})[r.id]
+    assert isinstance(got, KindResult), got
+    return got
+
+
+def test_frozen_baseline_is_captured_once_and_kept(spans: Spans, cur: duckdb.DuckDBPyConnection) -> None:
+    """The capture is the series' memory (handed back by the engine) and a frozen_baselines record; the kind itself
+    writes nothing. Handed back, or read from the table (a daemon's file), it does not move when the baseline
+    window's data does; a changed rule captures again."""
     rng = np.random.default_rng(13)
     b, c = amounts(rng, 1000), amounts(rng, 300, mean=9.5)
     spans.add(baseline_times(1000, rng), numbers={ATTR: b})
     spans.add(current_times(300, rng), numbers={ATTR: c})
     r = rule(spec(method="psi", frozen=True))
-    kind = DistributionKind()
-    first = one(kind, r, cur)
-    assert first.value == drift.psi(b, c).value  # at capture time it equals the unfrozen comparison
-    assert "frozen baseline" in first.detail
-    row = cur.execute("SELECT rule_id, fingerprint, series::VARCHAR, n, len(bounds), len(proportions), categories, "
-                      "epoch_us(window_end) FROM frozen_baselines").fetchall()[0]
-    assert row == ("g/drift", r.fingerprint, "{}", 1000, 9, 10, None, round((TS - 6 * HOUR) * 1e6))
-    # the baseline window's data changes afterwards (late arrivals of very small amounts): a frozen rule does not
-    # move, an unfrozen one does; a new kind instance (a daemon restart) reads the stored capture
+    first = _result(DistributionKind(), r, cur)
+    (s,) = first.samples
+    assert s.value == drift.psi(b, c).value  # at capture time it equals the unfrozen comparison
+    assert "frozen baseline" in s.detail
+    (record,) = first.records
+    row = record.row
+    assert record.table == "frozen_baselines" and _frozen_count(cur) == 0
+    assert (row["rule_id"], row["fingerprint"], row["series"], row["n"], len(row["bounds"]),
+            len(row["proportions"]), row["categories"]) == ("g/drift", r.fingerprint, "{}", 1000, 9, 10, None)
+    assert row["window_end"] == datetime.fromtimestamp(TS - 6 * HOUR, UTC).replace(tzinfo=None)
+    # the baseline window's data changes afterwards (late arrivals of very small amounts)
     spans.add(baseline_times(1000, rng), numbers={ATTR: np.ones(1000)})
-    assert one(DistributionKind(), r, cur).value == first.value
-    assert one(kind, rule(spec(method="psi")), cur).value != first.value
-    assert _frozen_count(cur) == 1
-    # a changed rule (another fingerprint) captures again, replacing the row
-    r2 = rule(spec(method="psi", frozen=True, bins=5))
-    assert one(kind, r2, cur).value != first.value
-    assert cur.execute("SELECT fingerprint FROM frozen_baselines").fetchall() == [(r2.fingerprint,)]
+    handed_back = {r.id: {(): SeriesCursor(None, None, first.memory[()])}}
+    again = _result(DistributionKind(), r, cur, prior=handed_back)
+    assert again.samples[0].value == s.value and again.records == []
+    assert one(DistributionKind(), rule(spec(method="psi")), cur).value != s.value  # unfrozen: moves
+    write_evaluation(cur, EvaluationRows(TS, records=[(record.table, record.row)]))
+    from_table = _result(DistributionKind(), r, cur)  # no memory: the daemon's stored capture is used
+    assert from_table.samples[0].value == s.value and from_table.records == []
+    r2 = rule(spec(method="psi", frozen=True, bins=5))  # another fingerprint captures again
+    changed = _result(DistributionKind(), r2, cur)
+    assert changed.samples[0].value != s.value and len(changed.records) == 1
 
 
 def test_frozen_categorical_and_histogram(spans: Spans, cur: duckdb.DuckDBPyConnection) -> None:
@@ -345,21 +387,23 @@ def test_frozen_categorical_and_histogram(spans: Spans, cur: duckdb.DuckDBPyConn
     spans.add(baseline_times(500, rng), strings={"data.kind": b})
     spans.add(current_times(200, rng), strings={"data.kind": c})
     r = rule(spec(attribute="data.kind", categorical=True, method="psi", frozen=True))
-    assert one(DistributionKind(), r, cur).value == pytest.approx(drift.psi_categorical(b, c).value, rel=1e-12)
-    row = cur.execute("SELECT categories, bounds FROM frozen_baselines").fetchall()[0]
-    assert row == (["a", "b"], None)
+    got = _result(DistributionKind(), r, cur)
+    assert got.samples[0].value == pytest.approx(drift.psi_categorical(b, c).value, rel=1e-12)
+    assert (got.records[0].row["categories"], got.records[0].row["bounds"]) == (["a", "b"], None)
 
 
 def test_frozen_baseline_too_small_is_not_captured(spans: Spans, cur: duckdb.DuckDBPyConnection) -> None:
     rng = np.random.default_rng(19)
     spans.add(baseline_times(50, rng), numbers={ATTR: amounts(rng, 50)})
     spans.add(current_times(200, rng), numbers={ATTR: amounts(rng, 200)})
-    s = one(DistributionKind(), rule(spec(method="psi", frozen=True)), cur)
-    assert s.violated is None and "to freeze" in s.detail
-    assert _frozen_count(cur) == 0
+    got = _result(DistributionKind(), rule(spec(method="psi", frozen=True)), cur)
+    assert got.samples[0].violated is None and "to freeze" in got.samples[0].detail
+    assert got.records == [] and got.memory == {}
 
 
-def test_read_only_store_keeps_the_frozen_baseline_in_memory(tmp_path: Path) -> None:
+def test_eval_over_a_read_only_file_keeps_its_capture_in_memory(tmp_path: Path) -> None:
+    """The engine over a read-only file (eval, replay) keeps the capture with the series' state in memory: later
+    evaluations use it, nothing is written, and another engine captures its own."""
     path = str(tmp_path / "ro.duckdb")
     rng = np.random.default_rng(23)
     writable = Store(StoreSettings(path))
@@ -373,24 +417,25 @@ def test_read_only_store_keeps_the_frozen_baseline_in_memory(tmp_path: Path) -> 
     writable.shutdown()
     ro = Store(StoreSettings(path, read_only=True))
     ro.start()
-    cur = ro.cursor()
     try:
-        kind = DistributionKind()
         r = rule(spec(method="psi", frozen=True, baseline_window=10 * DAY))
-        first = one(kind, r, cur, TS)
-        assert _frozen_count(cur) == 0  # nothing written
-        # a day earlier, an unfrozen rule's baseline window differs; the frozen one is still the captured one
-        later = TS + DAY
-        frozen_later = one(kind, r, cur, later)
-        unfrozen_later = one(kind, rule(spec(method="psi", baseline_window=10 * DAY), name="u"), cur, later)
-        assert frozen_later.detail.split("; frozen baseline ")[1] == first.detail.split("; frozen baseline ")[1]
-        assert frozen_later.value is None  # the current window (ts + 18h, ts + 1d] is empty: no data
-        assert unfrozen_later.value is None
-        earlier = one(kind, r, cur, TS - HOUR)  # current (ts - 7h, ts - 1h] holds some shifted values
-        fresh = one(DistributionKind(), r, cur, TS - HOUR)  # a new instance captures its own, later window
-        assert earlier.value != fresh.value
+        group = RuleGroup("g", HOUR, (r,))
+        engine = RuleEngine(ro.cursor, new_kinds(), MemoryState())
+        engine.load(RuleSet((group,)))
+        engine.evaluate_group(group, [TS])
+        first = engine.state.states(r)[()]
+        engine.evaluate_group(group, [TS + DAY])  # a day later: the current window is empty
+        later = engine.state.states(r)[()]
+        assert later.detail.split("; frozen baseline ")[1] == first.detail.split("; frozen baseline ")[1]
+        assert later.value is None
+        with ro.cursor() as c:
+            assert c.execute("SELECT count(*) FROM frozen_baselines").fetchone() == (0,)
+        other = RuleEngine(ro.cursor, new_kinds(), MemoryState())
+        other.load(RuleSet((group,)))
+        other.evaluate_group(group, [TS - HOUR])  # its first evaluation captures an hour earlier's window
+        assert other.state.states(r)[()].detail.split("; frozen baseline ")[1] != \
+            first.detail.split("; frozen baseline ")[1]
     finally:
-        cur.close()
         ro.shutdown()
 
 
@@ -513,11 +558,11 @@ def test_payments_paise_to_rupees_end_to_end(tmp_path: Path, store: Store, spans
     spans.add(baseline_times(3000, rng), numbers={ATTR: amounts(rng, 3000)})
     current = np.round(rng.lognormal(4.0, 1.0, 600)) if broken else amounts(rng, 600)
     spans.add(current_times(600, rng), numbers={ATTR: current})
-    engine = RuleEngine(store.cursor, {**KINDS, "distribution": DistributionKind()}, MemoryState())
+    engine = RuleEngine(store.cursor, new_kinds(), MemoryState())
     engine.load(ruleset)
     events = engine.evaluate_all(TS)
     assert engine.health == {"payments-drift/PaymentsAmountDrift": None}
-    state = engine.state.load(ruleset.rules())["payments-drift/PaymentsAmountDrift"][()]
+    state = engine.state.load(ruleset.rules())["payments-drift/PaymentsAmountDrift"].states[()]
     assert state.value is not None
     if not broken:
         assert state.state == INACTIVE and events == []
@@ -534,15 +579,14 @@ def test_payments_paise_to_rupees_end_to_end(tmp_path: Path, store: Store, spans
 
 
 def test_payments_drift_rule_file_and_its_unit_tests(monkeypatch: pytest.MonkeyPatch) -> None:
-    """rules/payments-drift.test.yaml passes (the kind registered here, as the loader and KINDS will do)."""
+    """rules/payments-drift.test.yaml passes."""
     import io
 
-    from evaluator.rules.ruletest import run_test_files
+    from evaluator.commands.rules import run_tests
 
     monkeypatch.setitem(loader.PARSERS, "distribution", parse_distribution)
-    monkeypatch.setitem(KINDS, "distribution", DistributionKind())
     root = Path(__file__).resolve().parent.parent / "rules"
     out, err = io.StringIO(), io.StringIO()
-    code = run_test_files([str(root / "payments-drift.test.yaml")], out, err)
+    code = run_tests([str(root / "payments-drift.test.yaml")], out, err)
     assert code == 0, out.getvalue() + err.getvalue()
     assert "1 passed, 0 failed" in out.getvalue()

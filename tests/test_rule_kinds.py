@@ -3,7 +3,6 @@ SQL rules and their refusals, and batching (one query for many rules; one bad ru
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +12,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from evaluator.rules.kinds import KINDS, register
+from evaluator.rules.kinds import new_kinds, register
 from evaluator.rules.kinds.absence import AbsenceKind
 from evaluator.rules.kinds.baseline import BaselineKind, quantile_linear
 from evaluator.rules.kinds.sql import SqlKind
@@ -22,8 +21,10 @@ from evaluator.rules.model import (
     AbsenceSpec,
     BaselineSpec,
     Condition,
+    KindResult,
     Rule,
     RuleError,
+    RulePrior,
     Sample,
     Selector,
     SeriesCursor,
@@ -92,13 +93,22 @@ def rule(kind: str, spec: Any, *, name: str = "r", condition: Condition | None =
                 condition=condition, resolve=resolve, selector=selector, group_by=group_by)
 
 
-def samples(result: dict[str, list[Sample] | RuleError], r: Rule) -> list[Sample]:
+Result = dict[str, list[Sample] | KindResult | RuleError]
+
+
+def samples(result: Result, r: Rule) -> list[Sample]:
     got = result[r.id]
     assert not isinstance(got, RuleError), got
-    return got
+    return got.samples if isinstance(got, KindResult) else got
 
 
-def error(result: dict[str, list[Sample] | RuleError], r: Rule) -> str:
+def memory(result: Result, r: Rule) -> dict[Any, Any]:
+    got = result[r.id]
+    assert isinstance(got, KindResult), got
+    return got.memory
+
+
+def error(result: Result, r: Rule) -> str:
     got = result[r.id]
     assert isinstance(got, RuleError), got
     return str(got)
@@ -196,19 +206,19 @@ def lag_rule(**kw: Any) -> Rule:
 
 
 def test_threshold_one_sample_per_run_in_time_order(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """Each run in the lookback is judged once, oldest first, with its value, run key, time and span ids."""
+    """A rule's first evaluation judges every run of its history once, oldest first, with its value, run key, time
+    and span ids."""
     lags = [0.1, 0.2, 0.3, 0.02, 6.0, 0.4, 0.45, 0.5, 0.6, 0.01]
     keys = [spans.add(at(d), {"data.dataset": DATASET, "data.freshness_lag_hours": x}) for d, x in enumerate(lags)]
     r = lag_rule(resolve=Condition(">", 0.4))
     got = samples(ThresholdKind().evaluate([r], at(9, 3), cur, {}), r)
-    # lookback 7 d before day 9 03:00 reaches day 2 03:00: days 3..9
-    assert [s.run_key for s in got] == keys[3:]
-    assert [s.at for s in got] == [at(d) for d in range(3, 10)]
-    assert [s.value for s in got] == lags[3:]
-    assert [s.violated for s in got] == [False, True, False, False, False, True, False]
-    assert [s.still_violated for s in got] == [False, True, False, True, True, True, False]
+    assert [s.run_key for s in got] == keys
+    assert [s.at for s in got] == [at(d) for d in range(10)]
+    assert [s.value for s in got] == lags
+    assert [s.violated for s in got] == [False, False, False, False, True, False, False, False, True, False]
+    assert [s.still_violated for s in got] == [False, False, False, False, True, False, True, True, True, False]
     assert all(s.threshold == 0.5 and s.series == () for s in got)
-    assert got[1].spans == spans.ids(keys[4])
+    assert got[4].spans == spans.ids(keys[4])
 
 
 def test_threshold_cursor_excludes_judged_runs_and_runs_after_ts(cur: duckdb.DuckDBPyConnection,
@@ -237,15 +247,17 @@ def test_threshold_cursor_older_than_lookback_still_catches_up(cur: duckdb.DuckD
 
 
 def test_threshold_group_by_series_have_their_own_cursors(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """Series split by group_by; a series without a cursor is judged over the lookback."""
+    """Series split by group_by, each from its own cursor; a series not seen yet from the previous evaluation (the
+    newest cursor here); on a first evaluation every series from its first run."""
     a = [spans.add(at(d), {"data.dataset": "a", "data.freshness_lag_hours": 0.1 * d}) for d in range(4)]
     b = [spans.add(at(d, 5), {"data.dataset": "b", "data.freshness_lag_hours": 1 + d}) for d in range(4)]
     r = lag_rule(selector=Selector(span=SPAN), group_by=("data.dataset",))
     sa, sb = (("data.dataset", "a"),), (("data.dataset", "b"),)
     got = samples(ThresholdKind().evaluate([r], at(4), cur, {r.id: {sa: SeriesCursor(at(2), a[2])}}), r)
-    assert [(s.series, s.run_key) for s in got] == [
-        (sb, b[0]), (sb, b[1]), (sb, b[2]), (sa, a[3]), (sb, b[3])]
-    assert [s.violated for s in got] == [True, True, True, False, True]
+    assert [(s.series, s.run_key) for s in got] == [(sb, b[2]), (sa, a[3]), (sb, b[3])]
+    assert [s.violated for s in got] == [True, False, True]
+    first = samples(ThresholdKind().evaluate([r], at(4), cur, {}), r)
+    assert sorted(s.run_key for s in first) == sorted(a + b)
 
 
 def test_threshold_rules_of_one_shape_share_one_query(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
@@ -258,7 +270,9 @@ def test_threshold_rules_of_one_shape_share_one_query(cur: duckdb.DuckDBPyConnec
     other = rule("threshold", ThresholdSpec("data.row_count"), name="other", condition=Condition("<", 1))
     counting = CountingCursor(cur)
     result = ThresholdKind().evaluate([*rules, other], at(3), cast(duckdb.DuckDBPyConnection, counting), {})
-    assert len(counting.statements) == 2  # one per shape
+    runs = [q for q in counting.statements if "WITH" in q]
+    assert len(runs) == 1  # the forty rules' runs; the other shape has no data at all, so only its start is read
+    assert len(counting.statements) == 3
     for i, r in enumerate(rules):
         assert [s.value for s in samples(result, r)] == pytest.approx([i, i + 0.1, i + 0.2])
     assert samples(result, other) == []
@@ -306,58 +320,68 @@ def row_count_rule(**spec: Any) -> Rule:
 
 
 def test_baseline_relative_against_previous_runs(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """The broken day deviates -17.8% from the mean of the previous 7 runs and violates; the day after is judged
-    against the 6 healthy runs before it (the broken run is not part of any baseline)."""
+    """The broken day deviates from the mean of the previous 7 runs and violates; the day after is judged against
+    the 7 runs that entered before it: the broken run never enters a baseline."""
     values = [*HEALTHY, BROKEN, 10_240_883]
     keys = payments_rows(spans, values)
-    r = row_count_rule(history_runs=7, tolerance=0.05, lookback=2 * DAY,
-                       resolve=Condition("outside", (-0.03, 0.03)))
+    r = row_count_rule(history_runs=7, tolerance=0.05, resolve=Condition("outside", (-0.03, 0.03)))
     got = samples(BaselineKind().evaluate([r], at(15, 3), cur, {}), r)
-    assert [s.run_key for s in got] == keys[14:]
-    broken, after = got
+    assert [s.run_key for s in got] == keys  # a first evaluation judges the whole history
+    broken, after = got[-2:]
     mean = np.mean(HEALTHY[7:14])
     assert broken.value == pytest.approx((BROKEN - mean) / abs(mean), rel=1e-12)
     assert broken.threshold == (-0.05, 0.05)
     assert broken.violated is True and broken.still_violated is True
     assert broken.detail == f"mean of 7 runs {round(mean)}, deviation -15.9%"
-    mean6 = np.mean(HEALTHY[8:14])
-    assert after.value == pytest.approx((10_240_883 - mean6) / mean6, rel=1e-12)
+    assert after.value == pytest.approx((10_240_883 - mean) / mean, rel=1e-12)
     assert after.violated is False and after.still_violated is False
-    assert after.detail.startswith("mean of 6 runs ")
     assert after.spans == spans.ids(keys[15])
 
 
 def test_baseline_scenario_numbers(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
     """The payments story: 8,412,406 against a 7-day average of 10,240,883 is -17.8%."""
     keys = payments_rows(spans, [10_240_883] * 7 + [BROKEN])
-    r = row_count_rule(history_window=7 * DAY, lookback=DAY)
-    (s,) = samples(BaselineKind().evaluate([r], at(7, 3), cur, {}), r)
+    r = row_count_rule(history_window=7 * DAY)
+    s = samples(BaselineKind().evaluate([r], at(7, 3), cur, {}), r)[-1]
     assert s.run_key == keys[7]
     assert s.value == pytest.approx((BROKEN - 10_240_883) / 10_240_883)
     assert s.detail == "mean of 7 runs 10240883, deviation -17.9%"
     assert s.violated is True
 
 
-def test_baseline_too_little_history_is_no_data(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """Fewer baseline runs than min_history: violated None, the run's own value, and why."""
+def test_baseline_warm_up_is_no_data(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
+    """Until min_history runs have entered, a run cannot be judged: violated None, the run's own value, and why."""
     payments_rows(spans, HEALTHY[:4])
-    r = row_count_rule(history_runs=7, min_history=3, lookback=10 * DAY)
+    r = row_count_rule(history_runs=7, min_history=3)
     got = samples(BaselineKind().evaluate([r], at(3, 3), cur, {}), r)
     assert [s.violated for s in got] == [None, None, None, False]
     assert [s.value for s in got[:3]] == HEALTHY[:3]
     assert got[0].threshold is None
-    assert got[2].detail == "2 baseline runs, fewer than min_history 3"
+    assert got[2].detail == "warming up: 2 of min_history 3 baseline runs"
 
 
-def test_baseline_level_shift_becomes_the_new_normal(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """Violating runs leave the baseline; a run with too little baseline counts as not violating, so after a
-    lasting shift the new level forms the baseline again instead of alerting forever."""
+def test_an_incident_never_becomes_the_baseline(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
+    """An incident longer than the window: its runs never enter, the window is filled with the last healthy runs
+    (said in the detail), and the healthy runs after it are judged against the old level, not the broken one."""
+    values = [100.0] * 10 + [40.0] * 10 + [101.0, 99.0]
+    payments_rows(spans, values)
+    r = row_count_rule(history_window=7 * DAY, tolerance=0.2)
+    got = samples(BaselineKind().evaluate([r], at(22, 3), cur, {}), r)
+    assert [s.violated for s in got[10:]] == [True] * 10 + [False, False]
+    assert got[-2].value == pytest.approx(0.01)
+    assert "stale: fewer than 3 runs in the window, the last 3 entered" in got[-2].detail
+
+
+def test_a_lasting_shift_enters_the_baseline_only_with_exclude_none(cur: duckdb.DuckDBPyConnection,
+                                                                   spans: Spans) -> None:
+    """With the default exclude: violations a shifted level keeps violating (someone must look); with
+    exclude: none it becomes the new normal once it dominates the baseline."""
     payments_rows(spans, [100.0] * 6 + [200.0] * 5)
-    r = row_count_rule(history_runs=3, min_history=3, lookback=4.5 * DAY)
-    got = samples(BaselineKind().evaluate([r], at(10, 3), cur, {}), r)
-    assert [s.violated for s in got] == [True, None, None, None, False]
-    assert got[0].value == pytest.approx(1.0)
-    assert got[4].value == pytest.approx(0.0)
+    kept = row_count_rule(history_runs=3)
+    let_in = rule("baseline", BaselineSpec("data.row_count", history_runs=3, exclude="none"), name="in")
+    result = BaselineKind().evaluate([kept, let_in], at(10, 3), cur, {})
+    assert [s.violated for s in samples(result, kept)[6:]] == [True] * 5
+    assert [s.violated for s in samples(result, let_in)[6:]] == [True, True, True, False, False]
 
 
 def test_baseline_zscore_over_a_window(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
@@ -365,8 +389,8 @@ def test_baseline_zscore_over_a_window(cur: duckdb.DuckDBPyConnection, spans: Sp
     included)."""
     values = [1000 + 10 * math.sin(d) for d in range(20)] + [1100.0]
     payments_rows(spans, values)
-    r = row_count_rule(history_window=7 * DAY, method="zscore", z=3.0, lookback=DAY)
-    (s,) = samples(BaselineKind().evaluate([r], at(20, 3), cur, {}), r)
+    r = row_count_rule(history_window=7 * DAY, method="zscore", z=3.0)
+    s = samples(BaselineKind().evaluate([r], at(20, 3), cur, {}), r)[-1]
     base = np.array(values[13:20])
     assert s.value == pytest.approx((1100 - base.mean()) / base.std(ddof=1), rel=1e-9)
     assert s.threshold == (-3.0, 3.0)
@@ -374,65 +398,92 @@ def test_baseline_zscore_over_a_window(cur: duckdb.DuckDBPyConnection, spans: Sp
     assert s.detail.startswith("mean of 7 runs ")
 
 
-def test_baseline_zscore_with_zero_std_is_no_data(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """A constant history has no spread: no z-score, no data rather than an infinite deviation."""
+def test_a_baseline_without_spread_judges_any_change(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
+    """A constant history: the same value is a deviation of 0, any other an infinite one (never "no data"
+    forever for a signal that never moved)."""
     payments_rows(spans, [5.0] * 5 + [6.0])
-    r = row_count_rule(history_runs=5, method="zscore", lookback=DAY)
-    (s,) = samples(BaselineKind().evaluate([r], at(5, 3), cur, {}), r)
-    assert s.violated is None and s.value == 6.0 and "std 0" in s.detail
+    r = row_count_rule(history_runs=5, method="zscore")
+    same, moved = samples(BaselineKind().evaluate([r], at(5, 3), cur, {}), r)[-2:]
+    assert (same.value, same.violated) == (0.0, False)
+    assert moved.value == math.inf and moved.violated is True and "std 0" in moved.detail
+
+
+def test_baseline_robust_against_numpy(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
+    """robust: (x - median) / (1.4826 MAD) of the baseline, one outlier in it moving neither."""
+    history = [100.0, 103.0, 98.0, 250.0, 101.0, 99.0, 102.0]
+    payments_rows(spans, [*history, 112.0])
+    r = row_count_rule(history_runs=7, method="robust", z=3.5, exclude="none")
+    s = samples(BaselineKind().evaluate([r], at(7, 3), cur, {}), r)[-1]
+    med = np.median(history)
+    mad = np.median(np.abs(np.array(history) - med))
+    assert s.value == pytest.approx((112 - med) / (1.4826 * mad), rel=1e-12)
+    assert s.violated is True
+    assert s.detail.startswith(f"median of 7 runs {med:g}, MAD spread")
 
 
 def test_baseline_quantile_band(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
     """quantile_band: the run's value against numpy's 5th-95th percentiles of the previous runs."""
     history = [100.0, 300.0, 150.0, 250.0, 200.0, 190.0, 210.0, 195.0, 205.0, 200.0]  # none leaves its band
     payments_rows(spans, [*history, 0.55, 201.0])
-    r = row_count_rule(history_runs=10, method="quantile_band", quantiles=(0.05, 0.95), lookback=2 * DAY)
-    low, normal = samples(BaselineKind().evaluate([r], at(11, 3), cur, {}), r)
+    r = row_count_rule(history_runs=10, method="quantile_band", quantiles=(0.05, 0.95))
+    low, normal = samples(BaselineKind().evaluate([r], at(11, 3), cur, {}), r)[-2:]
     lo, hi = np.quantile(history, [0.05, 0.95])
     assert low.value == 0.55 and low.violated is True
     assert low.threshold == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
     assert low.detail == f"5th-95th percentile of 10 runs [{round(lo)}, {round(hi)}]"
-    # the low run violated, so the next baseline is the 9 runs before it
-    lo2, hi2 = np.quantile(history[1:], [0.05, 0.95])
-    assert normal.threshold == (pytest.approx(lo2, rel=1e-12), pytest.approx(hi2, rel=1e-12))
+    # the low run violated and never entered: the next baseline is the same 10 runs
+    assert normal.threshold == low.threshold
     assert normal.value == 201.0 and normal.violated is False
 
 
 def reference_baseline(values: list[float], times: list[float], spec: BaselineSpec) -> list[tuple[Any, Any]]:
     """The baseline semantics written plainly with numpy: (value, violated) per run, oldest first."""
     out: list[tuple[Any, Any]] = []
+    entered: list[tuple[float, float]] = []
     for i, x in enumerate(values):
-        if spec.history_runs is not None:
-            cand = range(max(0, i - spec.history_runs), i)
-        else:
-            cand = range(i)
-            cand = [j for j in cand if times[j] >= times[i] - cast(float, spec.history_window)]
-        base = np.array([values[j] for j in cand if out[j][1] is not True])
-        if len(base) < spec.min_history:
+        if len(entered) < spec.min_history:
             out.append((x, None))
-        elif spec.method == "relative":
+            entered.append((times[i], x))
+            continue
+        if spec.history_runs is not None:
+            base = np.array([v for _, v in entered[-spec.history_runs:]])
+        else:
+            base = np.array([v for t, v in entered if t >= times[i] - cast(float, spec.history_window)])
+            if len(base) < spec.min_history:
+                base = np.array([v for _, v in entered[-spec.min_history:]])
+        if spec.method == "relative":
             dev = (x - base.mean()) / abs(base.mean())
-            out.append((dev, bool(abs(dev) > spec.tolerance)))
+            verdict = (dev, bool(abs(dev) > spec.tolerance))
         elif spec.method == "zscore":
             z = (x - base.mean()) / base.std(ddof=1)
-            out.append((z, bool(abs(z) > spec.z)))
+            verdict = (z, bool(abs(z) > spec.z))
+        elif spec.method == "robust":
+            med = np.median(base)
+            rz = (x - med) / (1.4826 * np.median(np.abs(base - med)))
+            verdict = (rz, bool(abs(rz) > spec.z))
         else:
             lo, hi = np.quantile(base, spec.quantiles)
-            out.append((x, bool(not lo <= x <= hi)))
+            verdict = (x, bool(not lo <= x <= hi))
+        out.append(verdict)
+        if not verdict[1] or spec.exclude == "none":
+            entered.append((times[i], x))
     return out
 
 
 @pytest.mark.parametrize("spec", [
     BaselineSpec("data.row_count", method="relative", tolerance=0.1, history_runs=7),
     BaselineSpec("data.row_count", method="zscore", z=2.0, history_runs=10, min_history=4),
+    BaselineSpec("data.row_count", method="robust", z=3.0, history_runs=9),
+    BaselineSpec("data.row_count", method="robust", z=2.5, history_runs=9, exclude="none"),
     BaselineSpec("data.row_count", method="quantile_band", quantiles=(0.1, 0.9), history_runs=12),
     BaselineSpec("data.row_count", method="relative", tolerance=0.1, history_window=5 * DAY),
     BaselineSpec("data.row_count", method="quantile_band", history_window=9 * DAY),
-], ids=["relative-runs", "zscore-runs", "quantile-runs", "relative-window", "quantile-window"])
+], ids=["relative-runs", "zscore-runs", "robust-runs", "robust-no-exclusion", "quantile-runs", "relative-window",
+        "quantile-window"])
 def test_baseline_matches_a_plain_reference(cur: duckdb.DuckDBPyConnection, spans: Spans,
                                             spec: BaselineSpec) -> None:
     """Over noisy runs with incidents, every value and verdict equals a plain numpy reference implementation,
-    exclusion of violating runs included."""
+    warm-up, exclusion of violating runs and stale windows included."""
     rng = np.random.default_rng(3)
     values = list(rng.normal(1000, 60, size=60).round(2))
     for i in (20, 21, 40):
@@ -440,7 +491,7 @@ def test_baseline_matches_a_plain_reference(cur: duckdb.DuckDBPyConnection, span
     times = [at(d, hour=float(rng.uniform(1, 5))) for d in range(60)]
     for t, v in zip(times, values, strict=True):
         spans.add(t, {"data.dataset": DATASET, "data.row_count": v})
-    r = rule("baseline", dataclasses.replace(spec, lookback=100 * DAY))
+    r = rule("baseline", spec)
     got = samples(BaselineKind().evaluate([r], at(60), cur, {}), r)
     expected = reference_baseline(values, times, spec)
     assert [s.violated for s in got] == [v for _, v in expected]
@@ -462,49 +513,56 @@ def test_baseline_weekday_seasonality(cur: duckdb.DuckDBPyConnection, spans: Spa
     values = [300.0 + d if datetime.fromtimestamp(at(d), UTC).weekday() >= 5 else 1000.0 + d for d in range(27)]
     payments_rows(spans, values)  # day 26 is a Saturday
     assert datetime.fromtimestamp(at(26), UTC).weekday() == 5
-    seasonal = row_count_rule(history_runs=3, seasonality="weekday", lookback=DAY)
-    plain = row_count_rule(history_runs=3, lookback=30 * DAY)
-    (s,) = samples(BaselineKind().evaluate([seasonal], at(26, 3), cur, {}), seasonal)
+    seasonal = row_count_rule(history_runs=3, seasonality="weekday")
+    plain = row_count_rule(history_runs=3)
+    s = samples(BaselineKind().evaluate([seasonal], at(26, 3), cur, {}), seasonal)[-1]
     mean = np.mean([values[5], values[12], values[19]])
     assert s.value == pytest.approx((values[26] - mean) / mean)
     assert s.violated is False
-    # without seasonality the weekends violate, and the weekday pattern leaves too little baseline to judge
-    p = samples(BaselineKind().evaluate([plain], at(26, 3), cur, {}), plain)[-1]
-    assert (p.value, p.violated) == (values[26], None)
-    assert reference_baseline(values, [at(d) for d in range(27)], plain.spec)[-1] == (values[26], None)
+    # without seasonality the weekends violate
+    p = samples(BaselineKind().evaluate([plain], at(26, 3), cur, {}), plain)
+    expected = reference_baseline(values, [at(d) for d in range(27)], plain.spec)
+    assert [(x.value, x.violated) for x in p] == [(pytest.approx(v), b) for v, b in expected]
+    assert p[-1].violated is True
 
 
-def test_baseline_history_runs_widens_for_sparse_pipelines(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """A weekly pipeline's previous 4 runs reach a month back; the search widens until it finds them."""
+def test_baseline_history_runs_reaches_back_for_sparse_pipelines(cur: duckdb.DuckDBPyConnection,
+                                                                 spans: Spans) -> None:
+    """A weekly pipeline's previous 4 runs reach a month back."""
     values = [100.0 + w % 3 for w in range(12)] + [150.0]
     for w, v in enumerate(values):
         spans.add(at(7 * w), {"data.dataset": DATASET, "data.row_count": v})
-    r = row_count_rule(history_runs=4, lookback=DAY)
-    (s,) = samples(BaselineKind().evaluate([r], at(7 * 12, 3), cur, {}), r)
+    r = row_count_rule(history_runs=4)
+    s = samples(BaselineKind().evaluate([r], at(7 * 12, 3), cur, {}), r)[-1]
     mean = np.mean(values[8:12])
     assert s.value == pytest.approx((150 - mean) / mean)
     assert s.detail.startswith("mean of 4 runs")
 
 
-def test_baseline_incremental_ticks_match_one_full_evaluation(cur: duckdb.DuckDBPyConnection,
-                                                              spans: Spans) -> None:
-    """Judging day by day with cursors gives the same samples as judging the whole month at once."""
+def test_baseline_incremental_evaluations_match_one_full_evaluation(cur: duckdb.DuckDBPyConnection,
+                                                                    spans: Spans) -> None:
+    """Judging day by day, each evaluation handed the previous one's memory, gives the same samples as judging
+    the whole month at once, an incident longer than the baseline included."""
     values = [*HEALTHY, *HEALTHY]
-    values[15] = BROKEN
-    values[22] = 11_000_000
+    for d in range(14, 22):
+        values[d] = BROKEN
+    values[25] = 11_000_000
     payments_rows(spans, values)
-    for spec in ({"history_runs": 5}, {"history_window": 5 * DAY}):
-        r = row_count_rule(lookback=40 * DAY, **spec)
+    for spec in ({"history_runs": 5}, {"history_window": 5 * DAY}, {"history_runs": 3, "method": "robust"}):
+        r = row_count_rule(**spec)
         full = samples(BaselineKind().evaluate([r], at(27, 3), cur, {}), r)
         assert len(full) == 28
-        stepped = samples(BaselineKind().evaluate([r], at(10, 3), cur, {}), r)
+        result = BaselineKind().evaluate([r], at(10, 3), cur, {})
+        stepped = samples(result, r)
+        mem = memory(result, r)[()]
         for d in range(11, 28):
             last = stepped[-1]
-            cursors = {r.id: {(): SeriesCursor(last.at, cast(int, last.run_key))}}
-            stepped += samples(BaselineKind().evaluate([r], at(d, 3), cur, cursors), r)
+            cursors = {r.id: {(): SeriesCursor(last.at, cast(int, last.run_key), mem)}}
+            result = BaselineKind().evaluate([r], at(d, 3), cur, cursors)
+            stepped += samples(result, r)
+            mem = memory(result, r).get((), mem)
         assert stepped == full
-        assert [s.violated for s in full][14:24] == [False, True, False, False, False, False, False, False, True,
-                                                       False]
+        assert [s.violated for s in full][14:24] == [True] * 8 + [False, False]
 
 
 def test_baseline_group_by_series_are_separate(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
@@ -512,23 +570,26 @@ def test_baseline_group_by_series_are_separate(cur: duckdb.DuckDBPyConnection, s
     for d in range(5):
         spans.add(at(d), {"data.dataset": "a", "data.row_count": 100 + d})
         spans.add(at(d), {"data.dataset": "b", "data.row_count": 1000 - d})
-    r = rule("baseline", BaselineSpec("data.row_count", history_runs=4, lookback=DAY),
+    r = rule("baseline", BaselineSpec("data.row_count", history_runs=4),
              selector=Selector(span=SPAN), group_by=("data.dataset",))
-    got = samples(BaselineKind().evaluate([r], at(4, 3), cur, {}), r)
+    got = samples(BaselineKind().evaluate([r], at(4, 3), cur, {}), r)[-2:]
     assert [s.series for s in got] == [(("data.dataset", "a"),), (("data.dataset", "b"),)]
     assert got[0].value == pytest.approx((104 - 101.5) / 101.5)
     assert got[1].value == pytest.approx((996 - 998.5) / 998.5)
 
 
 def test_baseline_idle_tick_reads_once(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """Without a new run a tick is one query over the rows since the cursor, and no history is fetched."""
+    """With memory and without a new run a tick is one query over the rows since the cursor."""
     keys = payments_rows(spans, HEALTHY)
     rules = [row_count_rule(history_runs=7), rule("baseline", BaselineSpec("data.row_count", history_runs=7),
                                                    name="r2", selector=Selector(span=SPAN, service=SERVICE,
                                                                                 where=(("data.dataset", "x"),)))]
-    cursors = {r.id: {(): SeriesCursor(at(13), keys[13])} for r in rules}
+    first = BaselineKind().evaluate(rules, at(13, 3), cur, {})
+    mem = memory(first, rules[0])[()]
+    cursors = {rules[0].id: {(): SeriesCursor(at(13), keys[13], mem)}, rules[1].id: {}}
+    priors = {rid: RulePrior(at(13, 3), c) for rid, c in cursors.items()}
     counting = CountingCursor(cur)
-    result = BaselineKind().evaluate(rules, at(13, 5), cast(duckdb.DuckDBPyConnection, counting), cursors)
+    result = BaselineKind().evaluate(rules, at(13, 5), cast(duckdb.DuckDBPyConnection, counting), priors)
     assert all(samples(result, r) == [] for r in rules)
     assert len(counting.statements) == 1
 
@@ -560,45 +621,70 @@ def test_absence_pipeline_that_never_ran_fires(cur: duckdb.DuckDBPyConnection) -
     assert samples(AbsenceKind().evaluate([grouped], at(10), cur, {}), grouped) == []
 
 
-def test_absence_late_run_fires(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """Value = seconds since the newest run; more than expected_every + grace violates."""
+def test_absence_judges_runs_and_missed_deadlines_on_their_own_times(cur: duckdb.DuckDBPyConnection,
+                                                                      spans: Spans) -> None:
+    """A run is an ok judgement at its time; once expected_every + grace has passed with no run, a violating one at
+    the deadline (value: seconds since the newest run), and one more per further day without a run."""
     spans.add(at(0), {"data.dataset": DATASET})
     newest = spans.add(at(1), {"data.dataset": DATASET})
     spans.add(at(5), {"data.dataset": DATASET})  # after ts: not seen yet
     r = absence_rule(resolve=Condition(">", 20 * HOUR))
-    (on_time,) = samples(AbsenceKind().evaluate([r], at(2, 1), cur, {}), r)
-    assert on_time.value == 23 * HOUR and on_time.violated is False and on_time.still_violated is True
-    assert on_time.spans == spans.ids(newest)
-    (late,) = samples(AbsenceKind().evaluate([r], at(2, 5), cur, {}), r)
-    assert late.value == 27 * HOUR and late.violated is True
-    assert late.detail.startswith("last run 2026-11-03T02:00:00Z")
+    got = samples(AbsenceKind().evaluate([r], at(2, 1), cur, {}), r)
+    assert [(s.at, s.value, s.violated) for s in got] == [(at(0), 0.0, False), (at(1), 0.0, False)]
+    assert got[-1].spans == spans.ids(newest) and got[-1].run_key == newest
+    # exactly at the deadline (day 2 04:00) nothing is missed yet; after it, the deadline is judged
+    assert samples(AbsenceKind().evaluate([r], at(2, 4), cur, {}), r)[-1].violated is False
+    later = samples(AbsenceKind().evaluate([r], at(4, 5), cur, {}), r)
+    missed = [s for s in later if s.violated]
+    assert [(s.at, s.value) for s in missed] == [(at(2, 4), 26 * HOUR), (at(3, 4), 50 * HOUR), (at(4, 4), 74 * HOUR)]
+    assert missed[0].still_violated is True and missed[0].run_key is None
+    assert missed[0].detail == "no run since 2026-11-03T02:00:00Z, 26.0 h ago"
+
+
+def test_absence_continues_from_its_cursor(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
+    """An evaluation that knows the series' newest run judges only the deadlines since the previous evaluation:
+    stepping through the days gives the judgements of one evaluation at the end."""
+    spans.add(at(0), {"data.dataset": DATASET})
+    r = absence_rule()
+    whole = samples(AbsenceKind().evaluate([r], at(4, 5), cur, {}), r)
+    stepped = samples(AbsenceKind().evaluate([r], at(1, 0), cur, {}), r)
+    for d in range(1, 5):
+        cursor = SeriesCursor(at(0), 1)
+        prior = {r.id: RulePrior(at(d, 0) if d > 1 else at(1, 0), {(): cursor}, 1, 1)}
+        stepped += samples(AbsenceKind().evaluate([r], at(d + 1, 0) if d < 4 else at(4, 5), cur, prior), r)
+    assert [(s.at, s.violated) for s in stepped] == [(s.at, s.violated) for s in whole]
 
 
 def test_absence_per_series(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """Each dataset seen in the lookback is its own series; one gone quiet fires, the other does not."""
+    """Each dataset is its own series; one gone quiet is judged at each missed deadline, and a series silent for
+    longer than the lookback is no longer expected."""
     spans.add(at(0), {"data.dataset": "a"})
     spans.add(at(3), {"data.dataset": "b"})
-    spans.add(at(-40), {"data.dataset": "c"})  # outside the lookback: forgotten
+    spans.add(at(-40), {"data.dataset": "c"})
     r = absence_rule(selector=Selector(span=SPAN), group_by=("data.dataset",))
     got = samples(AbsenceKind().evaluate([r], at(3, 6), cur, {}), r)
-    assert [(s.series, s.value, s.violated) for s in got] == [
-        ((("data.dataset", "a"),), 3 * DAY + 4 * HOUR, True),
-        ((("data.dataset", "b"),), 4 * HOUR, False),
-    ]
+    by = {k: [(s.at, s.violated) for s in got if s.series == (("data.dataset", k),)] for k in "abc"}
+    assert by["a"] == [(at(0), False), (at(1, 4), True), (at(2, 4), True), (at(3, 4), True)]
+    assert by["b"] == [(at(3), False)]
+    assert by["c"][0] == (at(-40), False) and all(v for _, v in by["c"][1:])
+    assert by["c"][-1][0] <= at(-40) + 35 * DAY  # no longer expected after the lookback
 
 
 def test_absence_lag_attribute(cur: duckdb.DuckDBPyConnection, spans: Spans) -> None:
-    """Value = ts - the newest run's max event time; a newest run without it is no data."""
+    """The newest run's event time + max_lag is the deadline; a run already behind violates at the run; a newest
+    run without the attribute is no data."""
     spec = AbsenceSpec(lag_attribute="data.max_event_time", max_lag=30 * 60)
     r = absence_rule(spec=spec, selector=Selector(span=SPAN), group_by=("data.dataset",))
-    spans.add(at(0), {"data.dataset": "a", "data.max_event_time": at(0, 0) - 60})
+    spans.add(at(0), {"data.dataset": "a", "data.max_event_time": at(0) - 60})
     k = spans.add(at(1), {"data.dataset": "a", "data.max_event_time": at(1, 0) - 6 * HOUR})
     spans.add(at(1), {"data.dataset": "b"})
     got = samples(AbsenceKind().evaluate([r], at(1, 3), cur, {}), r)
-    a, b = got
-    assert a.value == 9 * HOUR and a.threshold == 1800 and a.violated is True and a.spans == spans.ids(k)
-    assert b.series == (("data.dataset", "b"),) and b.value is None and b.violated is None
-    assert "data.max_event_time" in b.detail
+    a = [s for s in got if s.series == (("data.dataset", "a"),)]
+    assert [(s.at, s.value, s.violated) for s in a] == [
+        (at(0), 60.0, False), (at(0) - 60 + 1800, 1800.0, True), (at(1), 8 * HOUR, True)]
+    assert a[-1].threshold == 1800 and a[-1].spans == spans.ids(k)
+    (b,) = [s for s in got if s.series == (("data.dataset", "b"),)]
+    assert b.value is None and b.violated is None and "data.max_event_time" in b.detail
 
 
 # -- sql ---------------------------------------------------------------------------------------------------------
@@ -674,14 +760,17 @@ def test_sql_one_bad_rule_does_not_break_the_others(cur: duckdb.DuckDBPyConnecti
 # -- registry ----------------------------------------------------------------------------------------------------
 
 def test_registry_names_every_kind() -> None:
-    """The four kinds are registered by name, and register adds more."""
-    assert isinstance(KINDS["threshold"], ThresholdKind)
-    assert isinstance(KINDS["baseline"], BaselineKind)
-    assert isinstance(KINDS["absence"], AbsenceKind)
-    assert isinstance(KINDS["sql"], SqlKind)
-    marker = SqlKind()
-    register("test-only", marker)
+    """Every kind is registered by name, each engine gets its own instances, and register adds more."""
+    kinds = new_kinds()
+    assert isinstance(kinds["threshold"], ThresholdKind)
+    assert isinstance(kinds["baseline"], BaselineKind)
+    assert isinstance(kinds["absence"], AbsenceKind)
+    assert isinstance(kinds["sql"], SqlKind)
+    assert all(kinds[k] is not v for k, v in new_kinds().items())
+    register("test-only", SqlKind)
     try:
-        assert KINDS["test-only"] is marker
+        assert isinstance(new_kinds()["test-only"], SqlKind)
     finally:
-        del KINDS["test-only"]
+        from evaluator.rules import kinds as registry
+
+        registry._FACTORIES.pop("test-only")

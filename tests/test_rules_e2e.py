@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from evaluator.daemon import Daemon
 from evaluator.rules.engine import MemoryState, RuleEngine
-from evaluator.rules.kinds import KINDS
+from evaluator.rules.kinds import new_kinds
 from evaluator.rules.model import Condition, Rule, RuleGroup, RuleSet, SqlSpec, ThresholdSpec
 from evaluator.rules.scheduler import GroupScheduler
 from evaluator.telemetry import Telemetry
@@ -68,8 +68,7 @@ def test_daemon_with_payments_rules_fires_at_the_broken_run(tmp_path: Path) -> N
     try:
         assert daemon.grpc is not None
         send_days(f"127.0.0.1:{daemon.grpc.port}", range(0, 15), broken={14})
-        group = daemon.engine.ruleset.groups[0]
-        daemon.engine.evaluate_group(group, clock.now())  # the slot after the spans arrived
+        daemon.engine.evaluate_all([clock.now()])  # the slot after the spans arrived
         cur = daemon.store.cursor()
         fired = {(a, s, r) for a, _, s, r in _alerts(cur) if s == "firing"}
         assert fired == {("PaymentsFreshnessLag", "firing", "2026-11-15"), ("PaymentsRowCount", "firing", "2026-11-15"),
@@ -82,6 +81,9 @@ def test_daemon_with_payments_rules_fires_at_the_broken_run(tmp_path: Path) -> N
         assert summary.startswith("payments/transactions_yesterday: newest event 6 h before midnight")
         assert (links, owner, rung, value) == (1, "data-platform", "freshness", 6.0)
         assert cur.execute("SELECT count(*) FROM rule_health WHERE health = 'ok'").fetchone() == (5,)
+        # the fortnight arrived at once (a backfill): what happened before the rules' lookback is folded into the
+        # state, not reported; only the broken day's transitions are
+        assert {r for _, _, _, r in _alerts(cur)} == {"2026-11-15", None}
         cur.close()
     finally:
         daemon.shutdown()
@@ -89,8 +91,7 @@ def test_daemon_with_payments_rules_fires_at_the_broken_run(tmp_path: Path) -> N
     daemon = Daemon(cfg, clock=clock)
     daemon.start()
     try:
-        group = daemon.engine.ruleset.groups[0]
-        assert daemon.engine.evaluate_group(group, clock.now()) == []
+        assert daemon.engine.evaluate_all([clock.now()]) == []
         cur = daemon.store.cursor()
         states = dict(cur.execute("SELECT rule_id, state FROM alert_state").fetchall())
         cur.close()
@@ -104,14 +105,14 @@ def test_scheduler_slots_evaluation_times_and_counts_missed_slots() -> None:
     seen: list[float] = []
 
     class Recorder(RuleEngine):
-        def evaluate_group(self, group: RuleGroup, ts: float) -> list[Any]:
-            seen.append(ts)
+        def evaluate_group(self, group: RuleGroup, steps: Any) -> list[Any]:
+            seen.extend(steps)
             return []
 
     clock = FakeClock(1000.0 * 60 + 17)
     tel = Telemetry()
-    engine = Recorder(lambda: None, KINDS, MemoryState(), tel)
-    sched = GroupScheduler(engine, clock, tel)
+    engine = Recorder(lambda: None, new_kinds(), MemoryState(), tel)
+    sched = GroupScheduler(engine, clock, tel, evaluation_delay=0)
     group = RuleGroup("g", 60.0, ())
     sched.reschedule((group,))  # not started: the job body is driven by hand
     assert sched.run_slot("g") == 60_000.0
@@ -124,17 +125,37 @@ def test_scheduler_slots_evaluation_times_and_counts_missed_slots() -> None:
     assert tel.get("rule_group_missed_slots_total").value(group="g") == 3
 
 
+def test_a_slot_is_evaluated_after_the_evaluation_delay() -> None:
+    """With a delay of 30 s, at 17 s into a minute the slot evaluated is the previous minute's; at 30 s this
+    minute's (spans that ended before the slot have had 30 s to arrive)."""
+    seen: list[float] = []
+
+    class Recorder(RuleEngine):
+        def evaluate_group(self, group: RuleGroup, steps: Any) -> list[Any]:
+            seen.extend(steps)
+            return []
+
+    clock = FakeClock(1000.0 * 60 + 17)
+    tel = Telemetry()
+    sched = GroupScheduler(Recorder(lambda: None, new_kinds(), MemoryState(), tel), clock, tel, evaluation_delay=30)
+    sched.reschedule((RuleGroup("g", 60.0, ()),))
+    assert sched.run_slot("g") == 59_940.0
+    clock.advance(13)
+    assert sched.run_slot("g") == 60_000.0
+    assert seen == [59_940.0, 60_000.0]
+
+
 def test_scheduler_runs_groups_and_stops_without_leaking_threads(tmp_path: Path, thread_guard: None) -> None:
     clock = FakeClock(T0)
     tel = Telemetry()
     calls: list[float] = []
 
     class Recorder(RuleEngine):
-        def evaluate_group(self, group: RuleGroup, ts: float) -> list[Any]:
-            calls.append(ts)
+        def evaluate_group(self, group: RuleGroup, steps: Any) -> list[Any]:
+            calls.extend(steps)
             return []
 
-    sched = GroupScheduler(Recorder(lambda: None, KINDS, MemoryState(), tel), clock, tel)
+    sched = GroupScheduler(Recorder(lambda: None, new_kinds(), MemoryState(), tel), clock, tel, evaluation_delay=0)
     sched.shutdown()  # safe before start
     sched.start((RuleGroup("fast", 0.25, ()),))
     wait_for(lambda: len(calls) >= 1)  # the first evaluation happens at start
@@ -205,17 +226,26 @@ def test_check_eval_replay_and_test_commands(tmp_path: Path) -> None:
     at = "2026-11-15T07:00:00Z"
     result = _cli("eval", "--db", str(db), "--rules", str(RULES), "--at", at, "--format", "json")
     assert result.returncode == 0, result.stderr
-    states = {(r["rule"], r["state"]) for r in json.loads(result.stdout)["results"]}
+    (evaluation,) = json.loads(result.stdout)["evaluations"]
+    assert evaluation["evaluated_at"] == "2026-11-15T07:00:00.000Z"
+    states = {(r["rule_id"], r["state"]) for r in evaluation["results"]}
     assert ("payments-contract/PaymentsFreshnessLag", "firing") in states
     assert ("payments-contract/PaymentsRunMissing", "inactive") in states
     table = _cli("eval", "--db", str(db), "--rules", str(RULES), "--at", at)
-    assert table.returncode == 0 and "RULE" in table.stdout and "PaymentsRowCount" in table.stdout
+    assert table.returncode == 0 and "RULE_ID" in table.stdout and "PaymentsRowCount" in table.stdout
+    several = _cli("eval", "--db", str(db), "--rules", str(RULES), "--at", "2026-11-14T07:00:00Z", at)
+    assert several.returncode == 0, several.stderr
+    lines = [ln for ln in several.stdout.splitlines() if "PaymentsFreshnessLag" in ln]
+    assert [ln.split()[0] for ln in lines] == ["2026-11-14T07:00:00Z", "2026-11-15T07:00:00Z"]
+    assert ["firing" in ln for ln in lines] == [False, True]
     result = _cli("replay", "--db", str(db), "--rules", str(RULES), "--from", "2026-11-10T00:00:00Z",
                   "--to", "2026-11-16T00:00:00Z", "--step", "1h", "--format", "json")
     assert result.returncode == 0, result.stderr
     transitions = json.loads(result.stdout)["transitions"]
-    firing = [(t["rule"].split("/")[1], t["at"]) for t in transitions if t["to"] == "firing"]
-    assert ("PaymentsFreshnessLag", "2026-11-15T06:00:00Z") in firing  # the first hourly slot after the run
+    firing = [(t["alert_name"], t["changed_at"], t["evaluated_at"]) for t in transitions if t["state"] == "firing"]
+    # at the run's time, decided by the first hourly evaluation after it
+    assert ("PaymentsFreshnessLag", "2026-11-15T06:00:00.000Z", "2026-11-15T06:00:00.000Z") in firing
+    assert all(isinstance(t["series"], dict) for t in transitions)
     # the daemon's file is untouched by eval/replay (read-only)
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("SELECT count(*) FROM alerts").fetchone() == (0,)
@@ -263,8 +293,9 @@ def test_reload_keeps_the_state_of_unchanged_rules_and_resets_changed_ones(tmp_p
         cur.close()
         assert states["payments-contract/PaymentsFreshnessLag"] == "firing"
         loaded = daemon.engine.state.load(list(daemon.engine.ruleset.groups[0].rules))
-        assert loaded["payments-contract/PaymentsRowCount"] == {}  # changed rule: old state no longer applies
-        assert len(loaded["payments-contract/PaymentsFreshnessLag"]) == 1
+        changed = loaded["payments-contract/PaymentsRowCount"]
+        assert changed.states == {} and changed.judged_to is None  # changed rule: old state no longer applies
+        assert len(loaded["payments-contract/PaymentsFreshnessLag"].states) == 1
         clock.advance(60)
         events = daemon.engine.evaluate_group(daemon.engine.ruleset.groups[0], clock.now())
         assert {e.rule.name for e in events} <= {"PaymentsRowCount"}  # only the changed rule re-judges its runs

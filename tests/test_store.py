@@ -68,7 +68,7 @@ def test_sql_cannot_reach_the_file_system(tmp_path: Path) -> None:
     """Rules and queries read the store, never files: DuckDB refuses read_csv, COPY and ATTACH on the daemon's
     connection, so a sql rule that tries is unhealthy with a clear error."""
     from evaluator.rules.engine import MemoryState, RuleEngine
-    from evaluator.rules.kinds import KINDS
+    from evaluator.rules.kinds import new_kinds
     from evaluator.rules.model import Condition, Rule, RuleGroup, RuleSet, SqlSpec
 
     store = Store(StoreSettings(str(tmp_path / "ev.duckdb")))
@@ -84,7 +84,7 @@ def test_sql_cannot_reach_the_file_system(tmp_path: Path) -> None:
                     spec=SqlSpec("SELECT count(*) AS value FROM read_csv('/etc/passwd')"),
                     condition=Condition(">", 0.0))
         group = RuleGroup("g", 60.0, (rule,))
-        engine = RuleEngine(store.cursor, KINDS, MemoryState())
+        engine = RuleEngine(store.cursor, new_kinds(), MemoryState())
         engine.load(RuleSet((group,)))
         engine.evaluate_group(group, 1_800_000_000.0)
         assert "Cannot access file" in (engine.health["g/Snoop"] or "")

@@ -1,66 +1,73 @@
-"""The rule engine: evaluate a group at time ts, fold the samples into alert state, record transitions.
+"""The rule engine: evaluate a group at one or more times, fold what the kinds found into alert state, record it.
 
-`evaluate_group(group, ts)` never reads the clock: the scheduler passes the slot time, `eval` and `replay` pass
-the times the user asked for, and tests step time without sleeping. State lives behind a StateBackend: DuckDB
-tables for the daemon (it survives restarts), memory for `eval`/`replay` over a stopped daemon's file (opened
-read-only, nothing written).
+`evaluate_group(group, steps)` never reads the clock: the scheduler passes the slot times it evaluates (one, or
+the slots it missed), `POST /evaluate` the time now, `eval` one time, `replay` and `test` a series of times. It is
+the one evaluation path of every mode; only the state backend differs (the store's tables or memory).
+
+An evaluation:
+1. loads each rule's snapshot: its series states (with each kind's memory) and how far it was judged;
+2. asks each kind for its judgements. Per-run kinds are asked once, up to the last step: their samples sit on the
+   runs' (or deadlines') own times. Kinds judged at slots are asked at each evaluation time and at every slot of
+   the group (multiples of its interval) passed since their last judgement, so a slot missed while the daemon was
+   down is judged late rather than never; on a rule's first evaluation from the slots its `for`,
+   `keep_firing_for` and `for_runs` can remember (at most `max_catch_up` slots; older missed slots are counted and
+   logged, never skipped in silence);
+3. folds the judgements step by step on their own time line (evaluator.rules.state), so the transitions do not
+   depend on how the evaluations were stepped; on a rule's first evaluation, transitions older than its lookback
+   are folded into its state but not reported (they happened before anyone was watching);
+4. applies ladder inhibition after each step: while a higher rung fires for a dataset, lower rungs' transitions
+   for it are recorded as inhibited and not sent; an inhibited alert still firing when its inhibitor stops is sent
+   then (a release), and a resolve is never sent for an alert that was never sent;
+5. hands everything to the backend, which records it in one transaction.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import duckdb
-import pyarrow as pa
 import structlog
 
-from evaluator.exporter.outbox import enqueue
+from evaluator.rules.backends import (
+    Evaluation,
+    MemoryState,
+    RuleSnapshot,
+    RuleStatus,
+    StateBackend,
+)
 from evaluator.rules.model import (
     FIRING,
+    NODATA,
+    RESOLVED,
     RUNG_ORDER,
+    KindResult,
+    Record,
     Rule,
     RuleError,
     RuleGroup,
     RuleKind,
+    RulePrior,
     RuleSet,
     Sample,
     SeriesCursor,
     SeriesKey,
 )
-from evaluator.rules.state import SeriesState, Transition, evaluate_series
+from evaluator.rules.select import max_span_key
+from evaluator.rules.shape import series_json
+from evaluator.rules.state import SeriesState, Step, Transition, advance, apply_sample
 from evaluator.rules.template import render
 from evaluator.telemetry import Telemetry
 
+__all__ = ["AlertEvent", "MemoryState", "RuleEngine", "RuleStatus", "series_json"]
 
-def to_dt(seconds: float | None) -> datetime | None:
-    """Unix seconds -> naive UTC datetime (the store's TIMESTAMP convention)."""
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, tz=UTC).replace(tzinfo=None)
-
-
-def from_dt(value: datetime | None) -> float | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC).timestamp()
-
-
-def series_json(series: SeriesKey) -> str:
-    return json.dumps(dict(series), sort_keys=True, separators=(",", ":"))
-
-
-def threshold_json(threshold: float | tuple[float, float] | None) -> str | None:
-    if threshold is None:
-        return None
-    return json.dumps(list(threshold) if isinstance(threshold, tuple) else threshold)
+DEFAULT_MAX_CATCH_UP = 1440  # the daemon's limit of slots judged per rule and evaluation (a day of 1-minute slots)
+NODATA_SUMMARY = "nodata_summary"  # the annotation that overrides the default text of a nodata transition
 
 
 @dataclass(frozen=True)
@@ -74,166 +81,30 @@ class AlertEvent:
     inhibited: bool = False  # ladder inhibition: recorded, not sent
 
 
-@dataclass(frozen=True)
-class RuleStatus:
-    """The result of evaluating one rule once: its series states, or the error that made it unhealthy."""
+@dataclass
+class _Judged:
+    """One rule's judgements for this evaluation, before folding."""
 
-    rule: Rule
-    states: dict[SeriesKey, SeriesState]
-    error: str | None = None
-    duration: float = 0.0
-    changed: tuple[SeriesState, ...] = ()  # the states that differ from before this evaluation
-
-
-class StateBackend(Protocol):
-    def load(self, rules: list[Rule]) -> dict[str, dict[SeriesKey, SeriesState]]: ...
-
-    def save(self, group: RuleGroup, ts: float, statuses: list[RuleStatus], events: list[AlertEvent]) -> None: ...
+    samples: list[Sample]
+    memory: dict[SeriesKey, Any]
+    records: list[Record]
+    judged_to: float
+    # transitions at or before this are folded, not reported: for a series seen for the first time (and every
+    # series of a rule evaluated for the first time), what happened before its lookback happened unwatched
+    report_after: float
+    seen_key: int | None = None
 
 
-class MemoryState:
-    """State kept in memory: for eval/replay/tests over a file that must not be written."""
-
-    def __init__(self) -> None:
-        self.states: dict[str, dict[SeriesKey, SeriesState]] = {}
-        self.events: list[AlertEvent] = []
-        self.health: dict[str, str | None] = {}
-
-    def load(self, rules: list[Rule]) -> dict[str, dict[SeriesKey, SeriesState]]:
-        return {r.id: dict(self.states.get(r.id, {})) for r in rules}
-
-    def save(self, group: RuleGroup, ts: float, statuses: list[RuleStatus], events: list[AlertEvent]) -> None:
-        for st in statuses:
-            self.health[st.rule.id] = st.error
-            if st.error is None:
-                self.states[st.rule.id] = st.states
-        self.events.extend(events)
+def slots_between(interval: float, after: float, until: float) -> list[float]:
+    """The multiples of interval in (after, until]."""
+    k = math.floor(after / interval) + 1
+    last = math.floor(until / interval)
+    return [i * interval for i in range(k, last + 1)]
 
 
-_STATE_COLUMNS = (
-    "rule_id, fingerprint, series, state, value, threshold, detail, active_at, fired_at, resolved_at, "
-    "last_violation_at, consecutive_violations, last_run_at, last_run_key, violating_spans"
-)
-_STATE_NUMBERS = {"inactive": 0, "pending": 1, "firing": 2, "resolved": 3, "nodata": 4}
-_TS = pa.timestamp("us")
-_SPANS = pa.list_(pa.struct([("trace_id", pa.string()), ("span_id", pa.string())]))
-_STATE_SCHEMA = pa.schema([
-    ("rule_id", pa.string()), ("fingerprint", pa.string()), ("series", pa.string()), ("state", pa.string()),
-    ("value", pa.float64()), ("threshold", pa.string()), ("detail", pa.string()), ("active_at", _TS),
-    ("fired_at", _TS), ("resolved_at", _TS), ("last_violation_at", _TS), ("consecutive_violations", pa.int32()),
-    ("last_run_at", _TS), ("last_run_key", pa.int64()), ("violating_spans", _SPANS),
-])
-_HEALTH_SCHEMA = pa.schema([
-    ("rule_id", pa.string()), ("group_name", pa.string()), ("alert_name", pa.string()), ("kind", pa.string()),
-    ("health", pa.string()), ("last_error", pa.string()), ("last_eval_at", _TS),
-    ("last_duration_seconds", pa.float64()),
-])
-
-
-OutboxEncoder = Callable[[list[AlertEvent]], bytes | None]  # None: nothing for this destination
-
-
-class DuckDBState:
-    """State in the store's alert_state / alerts / rule_health tables (docs/schema.md).
-
-    With an outbox encoder, each evaluation's alert events are also written to the outbox as one OTLP request,
-    in the same transaction: an alert that is recorded is an alert that will be sent."""
-
-    def __init__(self, cursor_factory: Any, outbox_encoders: Mapping[str, OutboxEncoder] | None = None,
-                 on_enqueued: Callable[[], None] | None = None) -> None:
-        """outbox_encoders: per outbox destination, how an evaluation's (not inhibited) events become one
-        request."""
-        self._cursor = cursor_factory
-        self._encoders = dict(outbox_encoders or {})
-        self._on_enqueued = on_enqueued
-
-    def load(self, rules: list[Rule]) -> dict[str, dict[SeriesKey, SeriesState]]:
-        out: dict[str, dict[SeriesKey, SeriesState]] = {r.id: {} for r in rules}
-        if not rules:
-            return out
-        fingerprints = {r.id: r.fingerprint for r in rules}
-        cur = self._cursor()
-        try:
-            rows = cur.execute(
-                f"SELECT {_STATE_COLUMNS} FROM alert_state WHERE rule_id IN (SELECT unnest($ids))",
-                {"ids": list(fingerprints)},
-            ).fetchall()
-        finally:
-            cur.close()
-        for row in rows:
-            rule_id, fingerprint, series, state, value, threshold, detail = row[:7]
-            if fingerprints.get(rule_id) != fingerprint:
-                continue  # the rule changed: its old state does not apply
-            key: SeriesKey = tuple(sorted(json.loads(series).items()))
-            thr = json.loads(threshold) if threshold is not None else None
-            out[rule_id][key] = SeriesState(
-                series=key, state=state, value=value, threshold=tuple(thr) if isinstance(thr, list) else thr,
-                detail=detail or "", active_at=from_dt(row[7]), fired_at=from_dt(row[8]),
-                resolved_at=from_dt(row[9]), last_violation_at=from_dt(row[10]), consecutive=row[11],
-                last_run_at=from_dt(row[12]), last_run_key=row[13],
-                violating_spans=tuple((s["trace_id"], s["span_id"]) for s in (row[14] or [])),
-            )
-        return out
-
-    def save(self, group: RuleGroup, ts: float, statuses: list[RuleStatus], events: list[AlertEvent]) -> None:
-        cur = self._cursor()
-        try:
-            cur.execute("BEGIN")
-            changed = [(st.rule, s) for st in statuses if st.error is None for s in st.changed]
-            if changed:
-                rows = pa.Table.from_pylist([
-                    {"rule_id": r.id, "fingerprint": r.fingerprint, "series": series_json(s.series), "state": s.state,
-                     "value": s.value, "threshold": threshold_json(s.threshold), "detail": s.detail,
-                     "active_at": to_dt(s.active_at), "fired_at": to_dt(s.fired_at),
-                     "resolved_at": to_dt(s.resolved_at), "last_violation_at": to_dt(s.last_violation_at),
-                     "consecutive_violations": s.consecutive, "last_run_at": to_dt(s.last_run_at),
-                     "last_run_key": s.last_run_key,
-                     "violating_spans": [{"trace_id": a, "span_id": b} for a, b in s.violating_spans]}
-                    for r, s in changed
-                ], schema=_STATE_SCHEMA)
-                cur.register("changed_states", rows)
-                cur.execute("DELETE FROM alert_state USING changed_states c "
-                            "WHERE alert_state.rule_id = c.rule_id AND alert_state.series::VARCHAR = c.series")
-                cur.execute(f"INSERT INTO alert_state ({_STATE_COLUMNS}) SELECT {_STATE_COLUMNS} FROM changed_states")
-                cur.unregister("changed_states")
-            for ev in events:
-                t, r = ev.transition, ev.rule
-                cur.execute(
-                    "INSERT INTO alerts (evaluated_at, rule_id, alert_name, group_name, kind, rung, owner, "
-                    "severity, series, from_state, state, value, threshold, consecutive_violations, run_at, "
-                    "summary, detail, labels, annotations, violating_spans, inhibited) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [to_dt(t.at), r.id, r.name, r.group, r.kind, r.rung, r.owner, r.severity,
-                     series_json(t.series), t.from_state, t.to_state, t.value, threshold_json(t.threshold),
-                     t.consecutive, to_dt(t.run_at), ev.summary, t.detail, json.dumps(dict(r.labels)),
-                     json.dumps(ev.annotations), [{"trace_id": a, "span_id": b} for a, b in t.spans],
-                     ev.inhibited],
-                )
-            to_send = [ev for ev in events if not ev.inhibited]
-            enqueued = False
-            for destination, encode in self._encoders.items():
-                payload = encode(to_send) if to_send else None
-                if payload is not None:
-                    enqueue(cur, destination, payload, len(to_send), ts)
-                    enqueued = True
-            health = pa.Table.from_pylist([
-                {"rule_id": st.rule.id, "group_name": st.rule.group, "alert_name": st.rule.name,
-                 "kind": st.rule.kind, "health": "ok" if st.error is None else "error", "last_error": st.error,
-                 "last_eval_at": to_dt(ts), "last_duration_seconds": st.duration}
-                for st in statuses
-            ], schema=_HEALTH_SCHEMA)
-            if health.num_rows:
-                cur.register("health_rows", health)
-                cur.execute("INSERT OR REPLACE INTO rule_health SELECT * FROM health_rows")
-                cur.unregister("health_rows")
-            cur.execute("COMMIT")
-            if enqueued and self._on_enqueued is not None:
-                self._on_enqueued()
-        except Exception:
-            cur.execute("ROLLBACK")
-            raise
-        finally:
-            cur.close()
+def first_slot_horizon(rule: Rule, interval: float) -> float:
+    """How far before its first evaluation a rule judged at slots is judged: what its state can remember."""
+    return rule.for_seconds + rule.keep_firing_for + max(rule.for_runs - 1, 0) * interval
 
 
 class RuleEngine:
@@ -244,21 +115,31 @@ class RuleEngine:
         state: StateBackend,
         telemetry: Telemetry | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        max_catch_up: int | None = None,
     ) -> None:
-        """cursor_factory() returns a new DuckDB cursor (Store.cursor), closed by the engine after use."""
+        """cursor_factory() returns a new DuckDB cursor (Store.cursor), closed by the engine after use. kinds:
+        one instance per kind name, owned by this engine (kinds keep no state, but nothing is shared).
+        max_catch_up: at most this many slots judged per rule and evaluation (None: all, as eval, replay and test
+        do; the daemon sets a limit so that a long downtime does not stall it)."""
         self._cursor = cursor_factory
         self._kinds = kinds
         self.state = state
         self._log = log or structlog.get_logger("rules")
         self.ruleset = RuleSet()
-        self.health: dict[str, str | None] = {}
+        self._max_catch_up = None if max_catch_up is None else max(1, max_catch_up)
+        self._health: dict[str, str | None] = {}
+        self._health_lock = threading.Lock()
         self._group_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._group_locks_lock = threading.Lock()
         tel = telemetry or Telemetry()
         self._evals = tel.counter("rule_evaluations_total", "Rule evaluations, by outcome.", ("outcome",))
         self._transitions = tel.counter("alert_transitions_total", "Alert state transitions, by new state.",
                                         ("state",))
         self._group_seconds = tel.gauge("rule_group_last_duration_seconds",
                                         "How long the last evaluation of a group took.", ("group",))
+        self._skipped = tel.counter("rule_slots_skipped_total",
+                                    "Slots of rules judged at slots that were not judged because more were missed "
+                                    "than max_catch_up (after downtime).", ("group",))
         self._alert_value = tel.gauge("alert_value", "Each rule's latest value per series.", ("rule_id", "series"))
         self._alert_state = tel.gauge(
             "alert_state", "Each rule's state per series: inactive 0, pending 1, firing 2, resolved 3, nodata 4.",
@@ -268,6 +149,12 @@ class RuleEngine:
         unhealthy = tel.gauge("rules_unhealthy", "Rules whose last evaluation failed.")
         tel.add_collector(lambda: unhealthy.set(sum(1 for e in self.health.values() if e is not None)))
 
+    @property
+    def health(self) -> dict[str, str | None]:
+        """Per rule id, the error of its last evaluation (None when it was healthy). A copy: safe to iterate."""
+        with self._health_lock:
+            return dict(self._health)
+
     def load(self, ruleset: RuleSet) -> None:
         """Swap in a new rule set. State is keyed by rule id and fingerprint, so unchanged rules keep it."""
         unknown = sorted({r.kind for r in ruleset.rules()} - set(self._kinds))
@@ -275,70 +162,265 @@ class RuleEngine:
             raise ValueError(f"no evaluator for kind(s) {', '.join(unknown)}")
         self.ruleset = ruleset
         ids = {r.id for r in ruleset.rules()}
-        self.health = {k: v for k, v in self.health.items() if k in ids}
+        with self._health_lock:
+            self._health = {k: v for k, v in self._health.items() if k in ids}
 
-    def evaluate_group(self, group: RuleGroup, ts: float) -> list[AlertEvent]:
-        with self._group_locks[group.name]:
+    def _group_lock(self, name: str) -> threading.Lock:
+        with self._group_locks_lock:
+            return self._group_locks[name]
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+
+    def evaluate_group(self, group: RuleGroup, steps: float | Sequence[float],
+                       slot_interval: float | None = None) -> list[AlertEvent]:
+        """Evaluate the group at each of `steps` (in order) and record the result; returns the transitions.
+        slot_interval: the slots of kinds judged at slots, when not the group's interval (`test` judges them at its
+        evaluation_interval, `replay --step` at its step: the timeline they were asked for)."""
+        times = sorted({float(steps)} if isinstance(steps, int | float) else {float(t) for t in steps})
+        if not times:
+            return []
+        with self._group_lock(group.name):
             t0 = time.perf_counter()
             rules = list(group.rules)
             prior = self.state.load(rules)
-            results: dict[str, list[Sample] | RuleError] = {}
-            durations: dict[str, float] = {}
-            by_kind: dict[str, list[Rule]] = defaultdict(list)
-            for rule in rules:
-                by_kind[rule.kind].append(rule)
-            cur = self._cursor()
-            try:
-                for kind, batch in by_kind.items():
-                    cursors = {
-                        r.id: {k: SeriesCursor(s.last_run_at, s.last_run_key) for k, s in prior[r.id].items()
-                               if s.last_run_at is not None and s.last_run_key is not None}
-                        for r in batch
-                    }
-                    k0 = time.perf_counter()
-                    try:
-                        results.update(self._kinds[kind].evaluate(batch, ts, cur, cursors))
-                    except (duckdb.Error, RuleError, ValueError, TypeError) as exc:
-                        for r in batch:
-                            results[r.id] = RuleError(f"{type(exc).__name__}: {exc}")
-                    per_rule = (time.perf_counter() - k0) / len(batch)
-                    durations.update({r.id: per_rule for r in batch})
-            finally:
-                cur.close()
-            statuses: list[RuleStatus] = []
-            events: list[AlertEvent] = []
-            for rule in rules:
-                outcome = results.get(rule.id, RuleError("the kind returned no result for this rule"))
-                if isinstance(outcome, RuleError):
-                    statuses.append(RuleStatus(rule, prior[rule.id], str(outcome), durations.get(rule.id, 0.0)))
-                    if self.health.get(rule.id) != str(outcome):
-                        self._log.warning("rule unhealthy", rule=rule.id, error=str(outcome))
-                    self.health[rule.id] = str(outcome)
-                    self._evals.inc(outcome="error")
-                    continue
-                if self.health.get(rule.id):
-                    self._log.info("rule healthy again", rule=rule.id)
-                self.health[rule.id] = None
-                self._evals.inc(outcome="ok")
-                states, rule_events = self._fold(rule, prior[rule.id], outcome, ts)
-                changed = tuple(s for k, s in states.items() if prior[rule.id].get(k) != s)
-                statuses.append(RuleStatus(rule, states, None, durations.get(rule.id, 0.0), changed))
-                events.extend(rule_events)
-            if group.inhibit_labels:
-                events = _inhibit(group.inhibit_labels, statuses, events)
-            self.state.save(group, ts, statuses, events)
-            for st in statuses:
-                if st.error is None:
-                    for series_state in st.states.values():
-                        self._publish(st.rule, series_state)
-            for ev in events:
-                self._transitions.inc(state=ev.transition.to_state)
-                self._rule_transitions.inc(rule_id=ev.rule.id, state=ev.transition.to_state)
-                self._log.info("alert " + ev.transition.to_state + (" (inhibited)" if ev.inhibited else ""),
-                               rule=ev.rule.id, series=dict(ev.transition.series), value=ev.transition.value,
-                               previous=ev.transition.from_state, summary=ev.summary)
+            judged, errors, durations = self._judge(group, rules, prior, times, slot_interval or group.interval)
+            statuses, events, records = self._fold(group, rules, prior, judged, errors, durations, times)
+            self.state.save(Evaluation(group, times[-1], statuses, events, records))
+            self._after(group, statuses, events)
             self._group_seconds.set(time.perf_counter() - t0, group=group.name)
             return events
+
+    def evaluate_all(self, steps: float | Sequence[float], slot_interval: float | None = None) -> list[AlertEvent]:
+        events: list[AlertEvent] = []
+        for group in self.ruleset.groups:
+            events.extend(self.evaluate_group(group, steps, slot_interval))
+        return events
+
+    def _judge(self, group: RuleGroup, rules: list[Rule], prior: dict[str, RuleSnapshot], times: list[float],
+               interval: float) -> tuple[dict[str, _Judged], dict[str, str], dict[str, float]]:
+        judged: dict[str, _Judged] = {}
+        errors: dict[str, str] = {}
+        durations: dict[str, float] = defaultdict(float)
+        by_kind: dict[str, list[Rule]] = defaultdict(list)
+        for rule in rules:
+            by_kind[rule.kind].append(rule)
+        cur = self._cursor()
+        try:
+            for kind_name, batch in by_kind.items():
+                kind = self._kinds[kind_name]
+                if getattr(kind, "timeline", "runs") == "slots":
+                    self._judge_slots(group, interval, kind, batch, prior, times, cur, judged, errors, durations)
+                else:
+                    key_hi = max_span_key(cur)  # first: runs committed after this are the next evaluation's
+                    priors = {r.id: _prior(prior[r.id], key_hi) for r in batch}
+                    results = self._call(kind, batch, times[-1], cur, priors, durations)
+                    for rule in batch:
+                        outcome = results.get(rule.id)
+                        if isinstance(outcome, RuleError) or outcome is None:
+                            errors[rule.id] = str(outcome or "the kind returned no result for this rule")
+                            continue
+                        lookback = float(getattr(rule.spec, "lookback", 0.0) or 0.0)
+                        judged[rule.id] = _Judged(outcome.samples, outcome.memory, outcome.records, times[-1],
+                                                  times[0] - lookback, key_hi)
+        finally:
+            cur.close()
+        return judged, errors, durations
+
+    def _judge_slots(self, group: RuleGroup, interval: float, kind: RuleKind, batch: list[Rule],
+                     prior: dict[str, RuleSnapshot], times: list[float], cur: duckdb.DuckDBPyConnection,
+                     judged: dict[str, _Judged], errors: dict[str, str], durations: dict[str, float]) -> None:
+        wanted: dict[float, list[Rule]] = defaultdict(list)
+        for rule in batch:
+            since = prior[rule.id].judged_to
+            start = since if since is not None else \
+                math.floor((times[0] - first_slot_horizon(rule, interval)) / interval) * interval - interval
+            # every slot since the last judgement (missed ones included), and each evaluation time itself: a slot
+            # when the scheduler evaluates, any time for POST /evaluate, eval, replay and test
+            slots = sorted(set(slots_between(interval, start, times[-1])) | {t for t in times if t > start})
+            if self._max_catch_up is not None and len(slots) > self._max_catch_up:
+                skipped = len(slots) - self._max_catch_up
+                self._skipped.inc(skipped, group=group.name)
+                self._log.warning("missed slots not judged: more than max_catch_up", group=group.name,
+                                  rule=rule.id, skipped=skipped, first_judged=slots[-self._max_catch_up])
+                slots = slots[-self._max_catch_up:]
+            judged[rule.id] = _Judged([], {}, [], slots[-1] if slots else (since or -math.inf), -math.inf)
+            if not slots and since is None:
+                judged[rule.id].judged_to = -math.inf
+            for slot in slots:
+                wanted[slot].append(rule)
+        priors = {r.id: _prior(prior[r.id]) for r in batch}
+        for slot in sorted(wanted):
+            todo = [r for r in wanted[slot] if r.id not in errors]
+            if not todo:
+                continue
+            results = self._call(kind, todo, slot, cur, priors, durations)
+            for rule in todo:
+                outcome = results.get(rule.id)
+                if isinstance(outcome, RuleError) or outcome is None:
+                    errors[rule.id] = str(outcome or "the kind returned no result for this rule")
+                    continue
+                j = judged[rule.id]
+                j.samples.extend(outcome.samples)
+                j.records.extend(outcome.records)
+                if outcome.memory:
+                    j.memory.update(outcome.memory)
+                    p = priors[rule.id]
+                    series = dict(p.series)
+                    for key, memory in outcome.memory.items():
+                        c = series.get(key)
+                        series[key] = SeriesCursor(c.at if c else None, c.run_key if c else None, memory)
+                    priors[rule.id] = RulePrior(p.since, series)
+        for rule_id in errors:
+            judged.pop(rule_id, None)
+
+    @staticmethod
+    def _call(kind: RuleKind, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
+              priors: dict[str, RulePrior], durations: dict[str, float]) -> dict[str, KindResult | RuleError]:
+        k0 = time.perf_counter()
+        try:
+            raw = kind.evaluate(rules, ts, cur, priors)
+        except (duckdb.Error, RuleError, ValueError, TypeError) as exc:
+            raw = {r.id: RuleError(f"{type(exc).__name__}: {exc}") for r in rules}
+        share = (time.perf_counter() - k0) / len(rules)
+        for r in rules:
+            durations[r.id] += share
+        out: dict[str, KindResult | RuleError] = {}
+        for rule_id, v in raw.items():
+            out[rule_id] = KindResult(v) if isinstance(v, list) else v
+        return out
+
+    def _fold(self, group: RuleGroup, rules: list[Rule], prior: dict[str, RuleSnapshot], judged: dict[str, _Judged],
+              errors: dict[str, str], durations: dict[str, float],
+              times: list[float]) -> tuple[list[RuleStatus], list[AlertEvent], list[Record]]:
+        ok = [r for r in rules if r.id in judged]
+        states: dict[str, dict[SeriesKey, SeriesState]] = {r.id: dict(prior[r.id].states) for r in ok}
+        pending: dict[str, dict[SeriesKey, list[Sample]]] = {}
+        for rule in ok:
+            by_series: dict[SeriesKey, list[Sample]] = defaultdict(list)
+            for s in sorted(judged[rule.id].samples, key=lambda x: (x.at, x.run_key or 0)):
+                by_series[s.series].append(s)
+            pending[rule.id] = by_series
+            for key in by_series:
+                states[rule.id].setdefault(key, SeriesState(series=key))
+        events: list[AlertEvent] = []
+        for i, t in enumerate(times):
+            last = i == len(times) - 1
+            step_events: list[AlertEvent] = []
+            for rule in ok:
+                known = prior[rule.id].states if prior[rule.id].judged_to is not None else {}
+                new_after = judged[rule.id].report_after
+                for key, series_samples in pending[rule.id].items():
+                    report_after = -math.inf if key in known else new_after
+                    n = 0
+                    while n < len(series_samples) and (last or series_samples[n].at <= t):
+                        n += 1
+                    todo, pending[rule.id][key] = series_samples[:n], series_samples[n:]
+                    st = states[rule.id][key]
+                    if not todo and not _time_sensitive(rule, st):
+                        continue
+                    step = Step(st, t)
+                    for sample in todo:
+                        apply_sample(step, rule, sample)
+                    advance(step, rule, t)
+                    states[rule.id][key] = step.state
+                    step_events.extend(self._event(rule, tr) for tr in step.transitions if tr.at > report_after)
+                for key, st in states[rule.id].items():
+                    if key not in pending[rule.id] and _time_sensitive(rule, st):
+                        step = Step(st, t)
+                        advance(step, rule, t)
+                        states[rule.id][key] = step.state
+                        step_events.extend(self._event(rule, tr) for tr in step.transitions)
+            events.extend(self._inhibit(group, ok, states, step_events, t))
+        statuses: list[RuleStatus] = []
+        records: list[Record] = []
+        for rule in rules:
+            if rule.id in errors:
+                statuses.append(RuleStatus(rule, prior[rule.id].states, errors[rule.id], durations.get(rule.id, 0.0)))
+                continue
+            j = judged[rule.id]
+            final = states[rule.id]
+            for key, memory in j.memory.items():
+                final[key] = replace(final.get(key) or SeriesState(series=key), memory=memory)
+            before = prior[rule.id].states
+            changed = tuple(s for k, s in final.items() if before.get(k) != s)
+            judged_to = j.judged_to if math.isfinite(j.judged_to) else None
+            statuses.append(RuleStatus(rule, final, None, durations.get(rule.id, 0.0), changed, judged_to,
+                                       j.seen_key))
+            records.extend(j.records)
+        return statuses, events, records
+
+    def _event(self, rule: Rule, t: Transition) -> AlertEvent:
+        annotations = {k: render(v, rule, t) for k, v in rule.annotations if k != NODATA_SUMMARY}
+        if t.to_state == NODATA:
+            template = dict(rule.annotations).get(NODATA_SUMMARY)
+            annotations["summary"] = render(template, rule, t) if template else _nodata_summary(rule, t)
+        summary = annotations.get("summary") or _default_summary(rule, t)
+        return AlertEvent(rule, t, summary, annotations)
+
+    def _inhibit(self, group: RuleGroup, rules: list[Rule], states: dict[str, dict[SeriesKey, SeriesState]],
+                 events: list[AlertEvent], t: float) -> list[AlertEvent]:
+        """Ladder inhibition after one step, and who has been told: a firing sent marks its series announced, a
+        resolve of a series never announced is recorded but not sent, and an announced-nothing series still firing
+        once nothing above it fires is sent now (a release)."""
+        by_id = {r.id: r for r in rules}
+        highest: dict[str, int] = {}
+        if group.inhibit_labels:
+            for rule in rules:
+                order = RUNG_ORDER[rule.rung]
+                for s in states[rule.id].values():
+                    d = _dataset(group.inhibit_labels, s.series) if s.state == FIRING else None
+                    if d is not None:
+                        highest[d] = min(highest.get(d, order), order)
+
+        def inhibited(rule: Rule, series: SeriesKey) -> bool:
+            d = _dataset(group.inhibit_labels, series) if group.inhibit_labels else None
+            above = highest.get(d) if d is not None else None
+            return above is not None and above < RUNG_ORDER[rule.rung]
+
+        out: list[AlertEvent] = []
+        for ev in events:
+            rule, tr = ev.rule, ev.transition
+            st = states[rule.id][tr.series]
+            blocked = inhibited(rule, tr.series)
+            if tr.to_state == RESOLVED and not st.announced and tr.from_state == FIRING:
+                blocked = True  # never sent as firing: its resolve is not sent either
+            if tr.to_state == FIRING and not blocked:
+                states[rule.id][tr.series] = replace(st, announced=True)
+            elif tr.to_state == RESOLVED:
+                states[rule.id][tr.series] = replace(st, announced=False)
+            out.append(replace(ev, inhibited=blocked) if blocked else ev)
+        for rule_id, series_states in states.items():
+            rule = by_id[rule_id]
+            for key, s in series_states.items():
+                if s.state == FIRING and not s.announced and not inhibited(rule, key):
+                    release = Transition(rule.id, key, t, FIRING, FIRING, s.value, s.threshold, s.consecutive,
+                                         s.last_run_at, s.violating_spans,
+                                         (s.detail + "; " if s.detail else "") + "sent now: nothing above it fires",
+                                         t, s.active_at)
+                    out.append(self._event(rule, release))
+                    series_states[key] = replace(s, announced=True)
+        return out
+
+    def _after(self, group: RuleGroup, statuses: list[RuleStatus], events: list[AlertEvent]) -> None:
+        with self._health_lock:
+            for st in statuses:
+                before = self._health.get(st.rule.id)
+                if st.error is not None and before != st.error:
+                    self._log.warning("rule unhealthy", rule=st.rule.id, error=st.error)
+                elif st.error is None and before:
+                    self._log.info("rule healthy again", rule=st.rule.id)
+                self._health[st.rule.id] = st.error
+        for st in statuses:
+            self._evals.inc(outcome="error" if st.error else "ok")
+            if st.error is None:
+                for s in st.states.values():
+                    self._publish(st.rule, s)
+        for ev in events:
+            self._transitions.inc(state=ev.transition.to_state)
+            self._rule_transitions.inc(rule_id=ev.rule.id, state=ev.transition.to_state)
+            self._log.info("alert " + ev.transition.to_state + (" (inhibited)" if ev.inhibited else ""),
+                           rule=ev.rule.id, series=dict(ev.transition.series), value=ev.transition.value,
+                           previous=ev.transition.from_state, summary=ev.summary)
 
     def _publish(self, rule: Rule, s: SeriesState) -> None:
         series = series_json(s.series)
@@ -346,28 +428,21 @@ class RuleEngine:
         if s.value is not None and math.isfinite(s.value):
             self._alert_value.set(s.value, rule_id=rule.id, series=series)
 
-    def evaluate_all(self, ts: float) -> list[AlertEvent]:
-        events: list[AlertEvent] = []
-        for group in self.ruleset.groups:
-            events.extend(self.evaluate_group(group, ts))
-        return events
 
-    def _fold(self, rule: Rule, prior: dict[SeriesKey, SeriesState], samples: list[Sample],
-              ts: float) -> tuple[dict[SeriesKey, SeriesState], list[AlertEvent]]:
-        by_series: dict[SeriesKey, list[Sample]] = defaultdict(list)
-        for s in samples:
-            by_series[s.series].append(s)
-        states: dict[SeriesKey, SeriesState] = {}
-        events: list[AlertEvent] = []
-        for key in set(prior) | set(by_series):
-            prev = prior.get(key) or SeriesState(series=key)
-            step = evaluate_series(rule, prev, by_series.get(key, []), ts)
-            states[key] = step.state
-            for t in step.transitions:
-                annotations = {k: render(v, rule, t) for k, v in rule.annotations}
-                summary = annotations.get("summary") or _default_summary(rule, t)
-                events.append(AlertEvent(rule, t, summary, annotations))
-        return states, events
+_STATE_NUMBERS = {"inactive": 0, "pending": 1, "firing": 2, "resolved": 3, "nodata": 4}
+
+
+def _prior(snapshot: RuleSnapshot, key_hi: int | None = None) -> RulePrior:
+    return RulePrior(snapshot.judged_to, {
+        k: SeriesCursor(s.last_run_at, s.last_run_key, s.memory) for k, s in snapshot.states.items()},
+        snapshot.seen_key if snapshot.judged_to is not None else None, key_hi)
+
+
+def _time_sensitive(rule: Rule, s: SeriesState) -> bool:
+    """Whether time alone can change this state (advance would do something)."""
+    if s.state == "pending":
+        return s.consecutive >= rule.for_runs
+    return s.state == FIRING and s.consecutive == 0 and bool(rule.keep_firing_for)
 
 
 def _dataset(labels: tuple[str, ...], series: SeriesKey) -> str | None:
@@ -375,29 +450,15 @@ def _dataset(labels: tuple[str, ...], series: SeriesKey) -> str | None:
     return next((values[label] for label in labels if values.get(label)), None)
 
 
-def _inhibit(labels: tuple[str, ...], statuses: list[RuleStatus], events: list[AlertEvent]) -> list[AlertEvent]:
-    """Ladder inhibition: a transition of a rule is inhibited while, for the same dataset, an alert of a higher
-    rung (freshness before completeness before distribution before prediction quality) is firing after this
-    evaluation. The page goes to the owner of the rung that broke; the others are recorded, not sent."""
-    highest: dict[str, int] = {}
-    for st in statuses:
-        if st.error is not None:
-            continue
-        order = RUNG_ORDER[st.rule.rung]
-        for s in st.states.values():
-            d = _dataset(labels, s.series) if s.state == FIRING else None
-            if d is not None:
-                highest[d] = min(highest.get(d, order), order)
-    out = []
-    for ev in events:
-        d = _dataset(labels, ev.transition.series)
-        above = highest.get(d) if d is not None else None
-        out.append(replace(ev, inhibited=True) if above is not None and above < RUNG_ORDER[ev.rule.rung] else ev)
-    return out
+def _series_text(series: SeriesKey) -> str:
+    return ", ".join(f"{k}={v}" for k, v in series) or "all"
+
+
+def _nodata_summary(rule: Rule, t: Transition) -> str:
+    return f"{rule.name}: no data for {_series_text(t.series)}" + (f": {t.detail}" if t.detail else "")
 
 
 def _default_summary(rule: Rule, t: Transition) -> str:
-    series = ", ".join(f"{k}={v}" for k, v in t.series) or "all"
     value = "no data" if t.value is None else f"{t.value:.6g}"
-    return f"{rule.name} {t.to_state} for {series}: value {value}" + (f" ({t.detail})" if t.detail else "")
-
+    return f"{rule.name} {t.to_state} for {_series_text(t.series)}: value {value}" + \
+        (f" ({t.detail})" if t.detail else "")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import duckdb
@@ -54,6 +56,19 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:.6g}"
 
 
+def fmt_number(x: float) -> str:
+    """A number for a detail text: 4 significant digits, whole numbers from 100, exponent form when huge/tiny."""
+    if x == 0:
+        return "0"
+    if not math.isfinite(x):
+        return str(x)
+    if abs(x) >= 1e15 or abs(x) < 1e-3:
+        return f"{x:.6g}"
+    if abs(x) >= 100:
+        return str(round(x))
+    return f"{x:.4g}"
+
+
 @dataclass(frozen=True)
 class Selector:
     """Which spans a rule reads: span name, service name, attribute equality (all optional, ANDed)."""
@@ -74,14 +89,15 @@ class ThresholdSpec:
 @dataclass(frozen=True)
 class BaselineSpec:
     value: str
-    method: str = "relative"  # relative | zscore | quantile_band
+    method: str = "relative"  # relative | zscore | robust | quantile_band
     tolerance: float = 0.05  # relative: |value - mean| / |mean| > tolerance violates
-    z: float = 3.0  # zscore: |value - mean| / std > z violates
+    z: float = 3.0  # zscore: |value - mean| / std > z violates; robust: |value - median| / (1.4826 MAD) > z
     quantiles: tuple[float, float] = (0.05, 0.95)  # quantile_band: value outside [q_lo, q_hi] of history violates
     history_runs: int | None = None  # baseline = the previous N runs ...
     history_window: float | None = None  # ... or the runs in this many seconds before the run (e.g. 7d)
     min_history: int = 3  # fewer baseline runs than this: no data
     seasonality: str | None = None  # None | weekday (only runs on the same UTC weekday form the baseline)
+    exclude: str = "violations"  # violations: violating runs never enter the baseline | none: they do
     lookback: float = 7 * 86400.0
 
 
@@ -126,9 +142,10 @@ class Rule:
     def id(self) -> str:
         return f"{self.group}/{self.name}"
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Changes when anything that affects judgement changes; unchanged rules keep their state on reload."""
+        """Changes when anything that affects judgement changes; unchanged rules keep their state on reload.
+        Cached: a rule is frozen, and this is read for every series on every evaluation."""
         data = asdict(self)
         data.pop("source")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -186,22 +203,64 @@ class RuleError(Exception):
 
 @dataclass(frozen=True)
 class SeriesCursor:
-    """Where a per-run kind left off for one series: runs at or before (at, run_key) were already judged."""
+    """What the engine hands a kind about one series it knows: the newest run judged (per-run kinds; None for
+    kinds judged at slots) and the memory the kind returned for the series last time."""
 
-    at: float
-    run_key: int
+    at: float | None
+    run_key: int | None
+    memory: Any = None
+
+
+@dataclass(frozen=True)
+class RulePrior:
+    """What the engine hands a kind about one rule: when it was last evaluated (None: never, or since it changed;
+    a per-run kind then judges the rule's whole history) and its known series."""
+
+    since: float | None
+    series: Mapping[SeriesKey, SeriesCursor] = field(default_factory=dict)
+    seen_key: int | None = None  # the highest span key there was at the previous evaluation (None: unknown)
+    key_hi: int | None = None  # the highest span key there is now: per-run kinds read runs up to it
+
+
+@dataclass(frozen=True)
+class Record:
+    """A side record of an evaluation for the store to write with the evaluation's alert state: a row of
+    `quality_values` or `frozen_baselines` (docs/schema.md), as column -> value."""
+
+    table: str
+    row: Mapping[str, Any]
+
+
+@dataclass
+class KindResult:
+    """What a kind found for one rule: samples, per-series memory to keep with the series' state (returned again
+    through SeriesCursor.memory), and side records."""
+
+    samples: list[Sample]
+    memory: dict[SeriesKey, Any] = field(default_factory=dict)
+    records: list[Record] = field(default_factory=list)
+
+
+TIMELINES = ("runs", "slots")
 
 
 class RuleKind(Protocol):
-    """A kind evaluates rules of its kind at time ts. It never reads the clock.
+    """A kind judges rules of its kind at time ts and returns what it found. It reads the store through `cur`,
+    never writes, never reads the clock and keeps no state between calls: whatever it must remember it returns as
+    memory, and the engine hands it back.
 
-    cursors: per rule id, per series, the last judged run (per-run kinds return only runs after it; a series
-    with no cursor returns runs within the spec's lookback before ts). Rules are passed together so a kind can
-    batch similar rules into one query.
+    timeline "runs": one Sample per run (at = the run's end time, run_key its span_key) for the runs after each
+    series' cursor up to ts, or, for a rule evaluated for the first time, every run of its history up to ts.
+    timeline "slots": one Sample per series at ts; the engine calls it once per slot of the rule's group (multiples
+    of the group interval), so the same slots are judged however evaluations are stepped.
+    Rules are passed together so a kind can batch similar rules into one query; one rule's failure is that rule's
+    RuleError only.
     """
 
+    timeline: str
+
     def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
-                 cursors: dict[str, dict[SeriesKey, SeriesCursor]]) -> dict[str, list[Sample] | RuleError]: ...
+                 prior: Mapping[str, RulePrior]) -> dict[str, list[Sample] | KindResult | RuleError]: ...
 
 
 def finite(x: float | None) -> bool:

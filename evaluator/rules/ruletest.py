@@ -8,27 +8,25 @@ ingest path (OTLP protobuf -> decoder -> group-commit writer); the rules are eva
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from evaluator.receiver.ingest import Ingestor, IngestSettings
-from evaluator.rules.commands import iso, parse_time
-from evaluator.rules.engine import DuckDBState, RuleEngine
-from evaluator.rules.kinds import KINDS
-from evaluator.rules.loader import load_rules
-from evaluator.rules.model import FIRING, PENDING, RuleSet
+from evaluator.rules.backends import DuckDBState, state_from_row
+from evaluator.rules.engine import RuleEngine
+from evaluator.rules.kinds import new_kinds
+from evaluator.rules.model import FIRING, PENDING, Rule, RuleSet
+from evaluator.rules.shape import iso
 from evaluator.store.store import Store, StoreSettings
 from evaluator.store.writer import SpanWriter
 from evaluator.telemetry import Telemetry
 from evaluator.testing import FakeClock
+from evaluator.timeparse import parse_time
 from evaluator.yamlsrc import (
     InvalidConfig,
     Node,
@@ -105,7 +103,8 @@ class TestFile:
     tests: list[RuleTest] = field(default_factory=list)
 
 
-def _parse(path: str) -> TestFile:
+def parse_test_file(path: str) -> TestFile:
+    """Read and check a test file; InvalidConfig lists every problem with its position."""
     problems = Problems()
     root = load_yaml_file(path)
     base = os.path.dirname(os.path.abspath(path))
@@ -250,8 +249,13 @@ def _request(inputs: tuple[InputRuns, ...], start: float) -> ExportTraceServiceR
     return req
 
 
-def _run_test(test: RuleTest, ruleset: RuleSet, interval: float, workdir: str) -> list[str]:
-    """Returns the failures (empty when the test passes)."""
+def run_test(test: RuleTest, ruleset: RuleSet, interval: float, workdir: str) -> list[str]:
+    """Run one test; returns its failures (empty when it passes)."""
+    by_name = {r.name: r for r in ruleset.rules()}
+    unknown = [f"line {e.line}: no rule named {e.alert!r} (rules: {', '.join(sorted(by_name))})"
+               for e in test.expectations if e.alert not in by_name]
+    if unknown:
+        return unknown
     store = Store(StoreSettings(os.path.join(workdir, "test.duckdb")))
     store.start()
     telemetry = Telemetry()
@@ -263,18 +267,20 @@ def _run_test(test: RuleTest, ruleset: RuleSet, interval: float, workdir: str) -
         result = ingest.export_protobuf(_request(test.inputs, test.start).SerializeToString(), "test")
         if result.rejected:
             return [f"input runs rejected: {result.message}"]
-        engine = RuleEngine(store.cursor, KINDS, DuckDBState(store.cursor), telemetry)
-        engine.load(ruleset)
-        by_name = {r.name: r for r in ruleset.rules()}
+        engine = RuleEngine(store.cursor, new_kinds(), DuckDBState(store.cursor), telemetry)
+        # only the groups whose alerts the test checks: a group's state depends on nothing outside it
+        wanted = {e.alert for e in test.expectations}
+        engine.load(RuleSet(tuple(g for g in ruleset.groups if any(r.name in wanted for r in g.rules))))
         last = max((e.at for e in test.expectations), default=0.0)
-        steps = int(last // interval) + 1
-        pending = list(test.expectations)
-        for k in range(steps):
-            ts = test.start + k * interval
-            engine.evaluate_all(ts)
-            while pending and pending[0].at <= k * interval:
-                exp = pending.pop(0)
-                failures.extend(_compare(exp, by_name, engine, store, ts))
+        steps = [test.start + k * interval for k in range(int(last // interval) + 1)]
+        done = 0
+        for exp in test.expectations:  # sorted by time: evaluate up to each expectation, then compare
+            upto = [t for t in steps[done:] if t - test.start <= exp.at]
+            if upto:
+                engine.evaluate_all(upto, slot_interval=interval)
+                done += len(upto)
+            at = steps[done - 1] if done else test.start
+            failures.extend(_compare(exp, by_name[exp.alert], store, at))
         for rule_id, error in engine.health.items():
             if error:
                 failures.append(f"rule {rule_id} failed: {error}")
@@ -284,46 +290,28 @@ def _run_test(test: RuleTest, ruleset: RuleSet, interval: float, workdir: str) -
     return failures
 
 
-def _compare(exp: Expectation, by_name: dict[str, Any], engine: RuleEngine, store: Store, ts: float) -> list[str]:
-    rule = by_name.get(exp.alert)
-    if rule is None:
-        return [f"line {exp.line}: no rule named {exp.alert!r}"]
+def _compare(exp: Expectation, rule: Rule, store: Store, ts: float) -> list[str]:
     cur = store.cursor()
     try:
-        rows = cur.execute("SELECT series, state FROM alert_state WHERE rule_id = ? AND state IN ('pending', "
-                           "'firing')", [rule.id]).fetchall()
+        res = cur.execute("SELECT * FROM alert_state WHERE rule_id = ? AND fingerprint = ?",
+                          [rule.id, rule.fingerprint])
+        names = [d[0] for d in res.description]
+        states = [state_from_row(dict(zip(names, row, strict=True))) for row in res.fetchall()]
     finally:
         cur.close()
-    got = tuple(sorted((tuple(sorted((k, str(v)) for k, v in json.loads(s).items())), st) for s, st in rows))
+    got = tuple(sorted((tuple((k, str(v)) for k, v in s.series), s.state)
+                       for s in states if s.state in (PENDING, FIRING)))
     if got == exp.alerts:
         return []
 
     def show(items: tuple[tuple[tuple[tuple[str, str], ...], str], ...]) -> str:
         return "[" + ", ".join(f"{st} {dict(labels)}" for labels, st in items) + "]" if items else "none"
 
-    return [f"line {exp.line}: {exp.alert} at {iso(ts)}: expected {show(exp.alerts)}, got {show(got)}"]
-
-
-def run_test_files(paths: list[str], out: TextIO, err: TextIO) -> int:
-    """Exit code: 0 all passed, 1 a test failed or a file is invalid."""
-    failed = passed = 0
-    for path in paths:
-        try:
-            tf = _parse(path)
-            ruleset = load_rules(tf.rule_files)
-        except InvalidConfig as exc:
-            err.write(f"{path}: invalid:\n" + "".join(f"  {p}\n" for p in exc.problems))
-            failed += 1
-            continue
-        for test in tf.tests:
-            with tempfile.TemporaryDirectory(prefix="otel-evaluator-test-") as workdir:
-                failures = _run_test(test, ruleset, tf.interval, workdir)
-            if failures:
-                failed += 1
-                out.write(f"FAIL {path}: {test.name}\n" + "".join(f"  {f}\n" for f in failures))
-            else:
-                passed += 1
-                out.write(f"ok   {path}: {test.name}\n")
-    out.write(f"{passed} passed, {failed} failed\n")
-    return 1 if failed else 0
-
+    lines = [f"line {exp.line}: {exp.alert} at {iso(ts)}: expected {show(exp.alerts)}, got {show(got)}"]
+    for s in sorted(states, key=lambda x: x.series):
+        value = "no value" if s.value is None else f"value {s.value:.6g}"
+        lines.append(f"    series {dict(s.series) or '{}'} is {s.state}, {value}" +
+                     (f": {s.detail}" if s.detail else ""))
+    if not states:
+        lines.append("    the rule has no series: nothing it selects was in the input runs")
+    return ["\n".join(lines)]

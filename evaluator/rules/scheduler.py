@@ -2,8 +2,9 @@
 
 One job per group, never two runs of a group at once (max_instances=1). The evaluation time is the start of the
 interval slot the clock is in (floor(now / interval) * interval), so evaluations land on the same instants
-however late a job starts. Slots skipped because the previous evaluation overran are counted, not evaluated
-late in a burst (coalesce=True).
+however late a job starts. A slot whose job did not run (the previous evaluation overran, the daemon was down)
+is counted here, and judged in the next evaluation: the engine judges every slot after the last one it judged
+(up to its max_catch_up), so nothing is skipped in silence.
 
 `evaluate_now` (admin POST /evaluate) evaluates a group at the clock's current time, outside the slots. Per group,
 a lock held from choosing the evaluation time to the end of the evaluation serializes it with the scheduled job,
@@ -26,7 +27,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 from evaluator.clock import Clock
 from evaluator.rules.engine import AlertEvent, RuleEngine
 from evaluator.rules.model import RuleGroup
+from evaluator.rules.shape import transition_record
 from evaluator.telemetry import Telemetry
+
+DEFAULT_EVALUATION_DELAY = 30.0
 
 
 class GroupScheduler:
@@ -36,8 +40,13 @@ class GroupScheduler:
         clock: Clock,
         telemetry: Telemetry,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        evaluation_delay: float = DEFAULT_EVALUATION_DELAY,
     ) -> None:
+        """evaluation_delay: a slot is evaluated this long after it starts, so that spans that ended before the
+        slot and are still on their way (SDK batching, a Collector's queue) are in the store when it is judged,
+        as they are when `replay` judges the same slot later (Prometheus calls this the rule query offset)."""
         self._engine = engine
+        self._delay = max(0.0, evaluation_delay)
         self._clock = clock
         self._log = log or structlog.get_logger("scheduler")
         self._scheduler: BackgroundScheduler | None = None
@@ -47,7 +56,8 @@ class GroupScheduler:
         self._lock = threading.Lock()
         self._eval_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)  # per group, see evaluate_now
         self._missed = telemetry.counter("rule_group_missed_slots_total",
-                                         "Evaluation slots skipped because a group's evaluation overran.",
+                                         "Evaluation slots whose scheduled run did not happen (an evaluation overran, "
+                                         "or the daemon was down); they are judged by the next evaluation.",
                                          ("group",))
         self._failures = telemetry.counter("rule_group_failures_total",
                                            "Group evaluations that failed as a whole (e.g. the store).", ("group",))
@@ -60,7 +70,7 @@ class GroupScheduler:
                 group = self._groups.get(name)
                 if group is None:
                     return None
-                slot = math.floor(self._clock.now() / group.interval) * group.interval
+                slot = math.floor((self._clock.now() - self._delay) / group.interval) * group.interval
                 last = self._last_slot.get(name)
                 if last is not None:
                     if slot <= last:
@@ -74,7 +84,7 @@ class GroupScheduler:
                     return None  # evaluated on demand at a later time already: time must not go backwards
                 self._last_eval[name] = slot
             try:
-                self._engine.evaluate_group(group, slot)
+                self._engine.evaluate_group(group, [slot])
             except Exception as exc:  # a store failure: the next slot tries again
                 self._failures.inc(group=name)
                 self._log.error("group evaluation failed", group=name, error=str(exc))
@@ -91,7 +101,7 @@ class GroupScheduler:
                     return None
                 ts = max(self._clock.now(), self._last_eval.get(name, -math.inf))
                 self._last_eval[name] = ts
-            return ts, self._engine.evaluate_group(group, ts)
+            return ts, self._engine.evaluate_group(group, [ts])
 
     def evaluate_all_now(self) -> dict[str, Any]:
         """Every scheduled group now (admin POST /evaluate): the groups evaluated, with their evaluation time, the
@@ -107,14 +117,7 @@ class GroupScheduler:
             ts, events = done
             groups.append({"name": name, "evaluated_at": _iso(ts), "rules": len(self._groups[name].rules)
                            if name in self._groups else None})
-            for ev in events:
-                t = ev.transition
-                transitions.append({
-                    "group": name, "rule": ev.rule.id, "alert": ev.rule.name, "rung": ev.rule.rung,
-                    "owner": ev.rule.owner, "series": dict(t.series), "from": t.from_state, "to": t.to_state,
-                    "value": t.value if t.value is None or math.isfinite(t.value) else str(t.value),
-                    "threshold": list(t.threshold) if isinstance(t.threshold, tuple) else t.threshold,
-                    "summary": ev.summary, "inhibited": ev.inhibited})
+            transitions.extend(transition_record(ev) for ev in events)
         unhealthy = {k: v for k, v in self._engine.health.items() if v}
         return {"groups": groups, "transitions": transitions, "unhealthy": unhealthy}
 
@@ -140,9 +143,13 @@ class GroupScheduler:
             self._last_slot = {k: v for k, v in self._last_slot.items() if k in self._groups}
             self._last_eval = {k: v for k, v in self._last_eval.items() if k in self._groups}
             for g in groups:
-                scheduler.add_job(self.run_slot, IntervalTrigger(seconds=g.interval, timezone="UTC"),
-                                  args=(g.name,), id=g.name, name=f"rule group {g.name}",
-                                  next_run_time=datetime.now(UTC))  # first evaluation right away
+                # every slot + the delay (epoch-aligned: APScheduler counts intervals from start_date), and once
+                # right away (a job of its own: a first run now would shift the interval chain off the slots)
+                trigger = IntervalTrigger(seconds=g.interval, timezone="UTC",
+                                          start_date=datetime.fromtimestamp(self._delay, UTC))
+                scheduler.add_job(self.run_slot, trigger, args=(g.name,), id=g.name, name=f"rule group {g.name}")
+                scheduler.add_job(self.run_slot, args=(g.name,), id=g.name + "/start",
+                                  name=f"rule group {g.name} at start", next_run_time=datetime.now(UTC))
         self._log.info("rule groups scheduled", groups={g.name: g.interval for g in groups})
 
     def shutdown(self) -> None:

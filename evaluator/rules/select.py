@@ -29,18 +29,20 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import duckdb
 import numpy as np
 import numpy.typing as npt
 
-from evaluator.rules.model import Rule, RuleError, Sample, Selector, SeriesCursor, SeriesKey
+from evaluator.rules.model import KindResult, Rule, RuleError, RulePrior, Sample, Selector, SeriesCursor, SeriesKey
 
 US = 1_000_000
 WhereValue = str | float
-Results = dict[str, list[Sample] | RuleError]
+Results = dict[str, list[Sample] | KindResult | RuleError]
+RulePriors = Mapping[str, RulePrior]
 
 
 # -- shapes and members ------------------------------------------------------------------------------------------
@@ -138,6 +140,16 @@ class Runs:
         order = np.lexsort((runs.span_key, runs.time_us, runs.member))
         return runs.take(order)
 
+    def unique(self) -> Runs:
+        """Without repeated (member, span_key) rows (runs fetched twice), keeping the (member, time, key) order."""
+        if len(self) < 2:
+            return self
+        pairs = np.stack([self.member, self.span_key], axis=1)
+        _, first = np.unique(pairs, axis=0, return_index=True)
+        if len(first) == len(self):
+            return self
+        return self.take(np.sort(first))
+
     def by_member(self) -> dict[int, npt.NDArray[np.intp]]:
         """Row indices per member, each in (time, span_key) order."""
         if not len(self):
@@ -179,6 +191,7 @@ class SeriesKeys:
 # -- SQL ---------------------------------------------------------------------------------------------------------
 
 _RANGE = "time > make_timestamp($glo) AND time <= make_timestamp($ghi)"
+_KEYED = "time <= make_timestamp($ghi) AND span_key > $klo AND span_key <= $khi"
 
 
 def _attr(name: str, table: str, key_param: str) -> str:
@@ -186,7 +199,12 @@ def _attr(name: str, table: str, key_param: str) -> str:
             f"WHERE key = ${key_param} AND {_RANGE} GROUP BY span_key)")
 
 
-def _build_sql(shape: RunShape, newest_only: bool) -> str:
+def _keyed_attr(name: str, table: str, key_param: str) -> str:
+    return (f"{name} AS (SELECT span_key, arg_max(value, rowid) AS value FROM {table} "
+            f"WHERE key = ${key_param} AND {_KEYED} GROUP BY span_key)")
+
+
+def _build_sql(shape: RunShape, newest_only: bool, keyed: bool = False) -> str:
     """The statement for a shape; user values are all parameters ($vk, $k0.., $g0.., $name, $service, ...).
 
     Only equality joins: the where values of the members are joined by hash; each member's own time range is
@@ -196,7 +214,9 @@ def _build_sql(shape: RunShape, newest_only: bool) -> str:
     if n_where:
         unnest = ["unnest($m) AS m"] + [f"unnest($w{i}) AS w{i}" for i in range(n_where)]
         ctes.append(f"wanted AS (SELECT {', '.join(unnest)})")
-    span_filter = ["end_time > make_timestamp($glo)", "end_time <= make_timestamp($ghi)"]
+    attr = _keyed_attr if keyed else _attr
+    span_filter = (["end_time <= make_timestamp($ghi)", "span_key > $klo", "span_key <= $khi"] if keyed else
+                   ["end_time > make_timestamp($glo)", "end_time <= make_timestamp($ghi)"])
     if shape.span is not None:
         span_filter.append("name = $name")
     if shape.service is not None:
@@ -204,7 +224,7 @@ def _build_sql(shape: RunShape, newest_only: bool) -> str:
     ctes.append(f"sp AS (SELECT span_key, end_time AS time, trace_id, span_id FROM spans "
                 f"WHERE {' AND '.join(span_filter)})")
     if shape.value is not None:
-        ctes.append(_attr("v", "span_numbers", "vk"))
+        ctes.append(attr("v", "span_numbers", "vk"))
         joins = ["v JOIN sp ON sp.span_key = v.span_key"]
         value = "v.value"
     else:
@@ -212,7 +232,7 @@ def _build_sql(shape: RunShape, newest_only: bool) -> str:
         value = "CAST(NULL AS DOUBLE)"
     conds = []
     for i, (_, is_number) in enumerate(shape.where):
-        ctes.append(_attr(f"w{i}", "span_numbers" if is_number else "span_strings", f"k{i}"))
+        ctes.append(attr(f"w{i}", "span_numbers" if is_number else "span_strings", f"k{i}"))
         joins.append(f"JOIN w{i} ON w{i}.span_key = sp.span_key")
         conds.append(f"wanted.w{i} = w{i}.value")
     member = "0"
@@ -222,11 +242,11 @@ def _build_sql(shape: RunShape, newest_only: bool) -> str:
     cols = [f"{member} AS m", "sp.span_key AS span_key", "epoch_us(sp.time) AS time_us", "sp.trace_id AS trace_id",
             "sp.span_id AS span_id", f"{value} AS value"]
     partition = [member]
-    add_group_by(len(shape.group_by), ctes, joins, cols)
+    add_group_by(len(shape.group_by), ctes, joins, cols, attr)
     for i in range(len(shape.group_by)):
         partition += [f"gs{i}.value", f"gn{i}.value"]
     if shape.extra is not None:
-        ctes.append(_attr("x", "span_numbers", "xk"))
+        ctes.append(attr("x", "span_numbers", "xk"))
         joins.append("LEFT JOIN x ON x.span_key = sp.span_key")
         cols.append("x.value AS extra")
     else:
@@ -239,11 +259,12 @@ def _build_sql(shape: RunShape, newest_only: bool) -> str:
     return sql + "\nORDER BY m, time_us, span_key"
 
 
-def _params(shape: RunShape, members: Sequence[Member]) -> dict[str, object]:
-    p: dict[str, object] = {
-        "glo": min(m.lo_us for m in members),
-        "ghi": max(m.hi_us for m in members),
-    }
+def _params(shape: RunShape, members: Sequence[Member], keys: tuple[int, int] | None = None) -> dict[str, object]:
+    p: dict[str, object] = {"ghi": max(m.hi_us for m in members)}
+    if keys is None:
+        p["glo"] = min(m.lo_us for m in members)
+    else:
+        p["klo"], p["khi"] = keys
     if shape.where:
         p["m"] = list(range(len(members)))
     for i, (_, is_number) in enumerate(shape.where):
@@ -283,9 +304,9 @@ def _float_column(col: np.ndarray) -> npt.NDArray[np.float64]:
 
 
 def _query(cur: duckdb.DuckDBPyConnection, shape: RunShape, members: Sequence[Member], index: Sequence[int],
-           newest_only: bool) -> Runs:
+           newest_only: bool, keys: tuple[int, int] | None = None) -> Runs:
     """One query for some members; rows are tagged with index[local member] and cut to each member's range."""
-    res = cur.execute(_build_sql(shape, newest_only), _params(shape, members)).fetchnumpy()
+    res = cur.execute(_build_sql(shape, newest_only, keys is not None), _params(shape, members, keys)).fetchnumpy()
     if not len(res["m"]):
         return Runs.empty(len(shape.group_by))
     runs = Runs(
@@ -318,7 +339,7 @@ def _range_class(m: Member) -> tuple[int, int]:
 
 
 def fetch_runs(cur: duckdb.DuckDBPyConnection, shape: RunShape, members: Sequence[Member], *,
-               newest_only: bool = False) -> Runs:
+               newest_only: bool = False, keys: tuple[int, int] | None = None) -> Runs:
     """The runs of every member in its own range (lo, hi], each row tagged with the member's index.
 
     newest_only keeps only the newest run per member and series (of the query's overall range, so every member
@@ -327,6 +348,10 @@ def fetch_runs(cur: duckdb.DuckDBPyConnection, shape: RunShape, members: Sequenc
     """
     if newest_only and len({m.hi_us for m in members}) > 1:
         raise ValueError("newest_only needs members that end at the same time")
+    if keys is not None:  # by ingest order: every member's runs with a span_key in (klo, khi], ending by its hi
+        if keys[1] <= keys[0] or not members:
+            return Runs.empty(len(shape.group_by))
+        return _query(cur, shape, members, range(len(members)), newest_only, keys)
     classes: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, m in enumerate(members):
         if m.hi_us > m.lo_us:
@@ -343,8 +368,14 @@ def select_runs(cur: duckdb.DuckDBPyConnection, selector: Selector, value: str |
 
 
 def data_start_us(cur: duckdb.DuckDBPyConnection, value: str) -> int | None:
-    """The oldest time the value attribute was recorded (microseconds): where widening a history search stops."""
+    """The oldest time the value attribute was recorded (microseconds): where a rule's whole history starts."""
     row = cur.execute("SELECT epoch_us(min(time)) FROM span_numbers WHERE key = $vk", {"vk": value}).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def data_start_any(cur: duckdb.DuckDBPyConnection) -> int | None:
+    """The oldest span end time in the store (microseconds)."""
+    row = cur.execute("SELECT epoch_us(min(end_time)) FROM spans").fetchone()
     return None if row is None or row[0] is None else int(row[0])
 
 
@@ -354,29 +385,102 @@ def to_us(seconds: float) -> int:
     return round(seconds * US)
 
 
-def judged_lower_bound(rule: Rule, lookback: float, ts_us: int, cursors: dict[SeriesKey, SeriesCursor]) -> int:
-    """The oldest end time (exclusive, microseconds) a per-run rule may still have to judge.
+def priors_of(prior: Mapping[str, Any] | None) -> dict[str, RulePrior]:
+    """The priors a kind was given, per rule id. A plain {series: SeriesCursor} per rule (what tests write) means
+    the rule was evaluated at its newest cursor."""
+    out: dict[str, RulePrior] = {}
+    for rule_id, p in (prior or {}).items():
+        if isinstance(p, RulePrior):
+            out[rule_id] = p
+            continue
+        series: dict[SeriesKey, SeriesCursor] = dict(p)
+        times = [c.at for c in series.values() if c.at is not None]
+        out[rule_id] = RulePrior(max(times) if times else None, series)
+    return out
 
-    Without group_by the only series is (), so once it has a cursor nothing older matters. With group_by a new
-    series may appear at any time and is judged over the lookback, and every known series from its cursor on.
-    """
-    if not rule.group_by and () in cursors:
-        return min(to_us(cursors[()].at) - 1, ts_us)  # - 1: a run at the cursor's time with a higher key is new
-    lo = ts_us - to_us(lookback)
-    for c in cursors.values():
-        lo = min(lo, to_us(c.at) - 1)
+
+def run_lower_bound(prior: RulePrior | None, needs_memory: bool = False) -> int | None:
+    """The oldest end time (exclusive, µs) a per-run rule must read by time, or None for its whole history: a rule
+    never evaluated, or (needs_memory) one with a known series whose memory is missing. With the span key seen at
+    the previous evaluation known, runs that arrived since are read by key (fetch_new_runs) and by time only those
+    ending after the previous evaluation; without it, runs after each series' cursor."""
+    if prior is None or prior.since is None:
+        return None
+    if needs_memory and any(c.memory is None for c in prior.series.values()):
+        return None
+    lo = to_us(prior.since)
+    if prior.seen_key is None:
+        for c in prior.series.values():
+            if c.at is not None:
+                lo = min(lo, to_us(c.at) - 1)  # - 1: a run at the cursor's time with a higher key is new
     return lo
 
 
-def is_judged(time_us: int, span_key: int, cursor: SeriesCursor | None, ts_us: int, lookback_us: int) -> bool:
-    """A run is judged now when it ended at or before ts and after its series' cursor (or within the lookback
-    when the series has none)."""
-    if time_us > ts_us:
-        return False
-    if cursor is None:
-        return time_us > ts_us - lookback_us
+def fetch_new_runs(cur: duckdb.DuckDBPyConnection, shape: RunShape, batch: Batch, priors: RulePriors, ts_us: int,
+                   needs_memory: bool = False) -> tuple[Runs, dict[tuple[WhereValue, ...], int]]:
+    """The runs a batch of per-run rules must look at, and the member index of each where tuple: for rules never
+    evaluated, their whole history; otherwise the runs that arrived since the previous evaluation (by span key, so
+    a run that ended before that evaluation but arrived after it is still judged) and those that ended since."""
+    los: dict[tuple[WhereValue, ...], int | None] = {}
+    seen: dict[tuple[WhereValue, ...], int | None] = {}
+    key_hi: int | None = None
+    for rule, where in batch:
+        p = priors.get(rule.id)
+        lo = run_lower_bound(p, needs_memory)
+        k = p.seen_key if p is not None and lo is not None else None
+        if p is not None and p.key_hi is not None:
+            key_hi = p.key_hi
+        if where in los:
+            prev, prev_k = los[where], seen[where]
+            lo = None if prev is None or lo is None else min(prev, lo)
+            k = None if prev_k is None or k is None else min(prev_k, k)
+        los[where], seen[where] = lo, k
+    wheres = list(los)
+    index = {w: i for i, w in enumerate(wheres)}
+    parts: list[Runs] = []
+    whole = [w for w in wheres if los[w] is None]
+    if whole:
+        start = data_start_us(cur, shape.value) if shape.value is not None else data_start_any(cur)
+        if start is not None:
+            parts.append(_tagged(fetch_runs(cur, shape, [Member(w, start - 1, ts_us) for w in whole]), whole, index))
+    timed = [w for w in wheres if los[w] is not None]
+    if timed:
+        parts.append(_tagged(fetch_runs(cur, shape, [Member(w, cast(int, los[w]), ts_us) for w in timed]), timed,
+                             index))
+    keyed = [w for w in timed if seen[w] is not None]
+    if keyed and key_hi is not None:
+        klo = min(cast(int, seen[w]) for w in keyed)
+        runs = fetch_runs(cur, shape, [Member(w, 0, ts_us) for w in keyed], keys=(klo, key_hi))
+        parts.append(_tagged(runs, keyed, index))
+    return Runs.concat(parts, len(shape.group_by)).unique(), index
+
+
+def _tagged(runs: Runs, wheres: list[tuple[WhereValue, ...]], index: dict[tuple[WhereValue, ...], int]) -> Runs:
+    """Runs fetched for a subset of members, re-tagged with the members' indices in the whole batch."""
+    if not len(runs):
+        return runs
+    return replace(runs, member=np.asarray([index[w] for w in wheres], dtype=np.int64)[runs.member])
+
+
+def max_span_key(cur: duckdb.DuckDBPyConnection) -> int:
+    """The highest span key committed: runs with a higher key arrive after this is read (one writer commits keys
+    in order)."""
+    row = cur.execute("SELECT coalesce(max(span_key), 0) FROM spans").fetchone()
+    return int(row[0]) if row else 0
+
+
+def is_new(time_us: int, span_key: int, cursor: SeriesCursor | None) -> bool:
+    """A run comes after its series' cursor (runs are ordered by (time, span_key))."""
+    if cursor is None or cursor.at is None:
+        return True
     c_us = to_us(cursor.at)
-    return time_us > c_us or (time_us == c_us and span_key > cursor.run_key)
+    return time_us > c_us or (time_us == c_us and span_key > (cursor.run_key or 0))
+
+
+def is_late(span_key: int, cursor: SeriesCursor | None, seen_key: int | None) -> bool:
+    """A run at or before its series' cursor that was not there at the previous evaluation: it arrived after
+    later runs of its series were judged (is_new is False for it)."""
+    return cursor is not None and seen_key is not None and span_key > seen_key
 
 
 def rule_error(rule: Rule, exc: BaseException) -> RuleError:
@@ -429,7 +533,7 @@ def add_group_by(n: int, ctes: list[str], joins: list[str], cols: list[str],
         cols += [f"gs{i}.value AS gs{i}", f"gn{i}.value AS gn{i}"]
 
 
-def evaluate_each(rules: list[Rule], judge: Callable[[Rule], list[Sample]]) -> Results:
+def evaluate_each(rules: list[Rule], judge: Callable[[Rule], list[Sample] | KindResult]) -> Results:
     """For kinds that query rule by rule: one rule's failure is that rule's RuleError only."""
     out: Results = {}
     for rule in rules:

@@ -8,7 +8,7 @@ SCHEMA_VERSION with a migration in `store.py`.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 DDL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS meta (
@@ -95,6 +95,21 @@ DDL: tuple[str, ...] = (
     )""",
     # v5: ladder inhibition (an inhibited transition is recorded, not sent)
     """ALTER TABLE alerts ADD COLUMN IF NOT EXISTS inhibited BOOLEAN DEFAULT false""",
+    # v6: when a transition happened on the judgements' time line (a run's time, a slot) beside when it was
+    # evaluated, and the start of its episode; a kind's memory per series (a baseline's entered runs) and whether
+    # the firing episode was sent (inhibition)
+    """ALTER TABLE alerts ADD COLUMN IF NOT EXISTS changed_at TIMESTAMP""",
+    """ALTER TABLE alerts ADD COLUMN IF NOT EXISTS started_at TIMESTAMP""",
+    """ALTER TABLE alert_state ADD COLUMN IF NOT EXISTS memory JSON""",
+    """ALTER TABLE alert_state ADD COLUMN IF NOT EXISTS announced BOOLEAN DEFAULT false""",
+    # how far each rule has been judged (the last evaluation, or the last slot for kinds judged at slots), with
+    # the fingerprint it was judged with: a changed rule starts again
+    """CREATE TABLE IF NOT EXISTS rule_progress (
+        rule_id VARCHAR PRIMARY KEY,
+        fingerprint VARCHAR NOT NULL,
+        judged_to TIMESTAMP NOT NULL,
+        seen_key BIGINT
+    )""",
     """CREATE TABLE IF NOT EXISTS rule_health (
         rule_id VARCHAR PRIMARY KEY,
         group_name VARCHAR NOT NULL,

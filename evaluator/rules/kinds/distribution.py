@@ -7,19 +7,21 @@ compares the values of the `current` window, (ts - current, ts], with a baseline
 - relative: `baseline: {window: 30d}` is (ts - current - window, ts - current], the window just before current;
 - absolute: `baseline: {from: <ISO>, to: <ISO>}` is the fixed range (from, to];
 - frozen: either of the above with `frozen: true` is captured once per rule and series (bin bounds or categories,
-  and the proportions), stored in `frozen_baselines` and reused, so the reference does not drift with time. A
-  rule whose fingerprint changes captures again. When the store is read-only (eval/replay), the capture is kept
-  in memory for the life of the kind instance.
+  and the proportions) and reused, so the reference does not drift with time. The capture is the series' memory
+  (handed back by the engine with the series' state) and a `frozen_baselines` record; a capture already in
+  `frozen_baselines` for the rule's fingerprint (e.g. the daemon's, when `eval` reads its file) is used as well.
+  A rule whose fingerprint changes captures again.
 
 Sources:
 - `values`: the attribute on many spans (one per row or prediction) in each window; numbers from span_numbers, or
   with `categorical: true` the strings of span_strings (a numeric attribute's values are then rendered as
   category labels; a span without the attribute, or with an empty string, is not counted).
 - `histogram`: pipeline-sent `<attribute>.histogram.bounds` / `<attribute>.histogram.counts` arrays on run spans,
-  summed per window and series. Every histogram of both windows must share the same bounds, else the rule is in
-  error. Only methods that work on bins take histograms: psi and js; ks and wasserstein need raw values
-  (evaluator.stats.registry's `needs_raw_values`), and frozen baselines cannot be used with them either (a
-  frozen baseline keeps bins and proportions, not values).
+  summed per window and series. Every histogram of a series, in both windows, must share the same bounds and
+  have one count per bucket; a series whose histograms do not is "no data" with the reason, alone: the other
+  series of the rule are judged as usual. Only methods that work on bins take histograms: psi and js; ks and
+  wasserstein need raw values (evaluator.stats.registry's `needs_raw_values`), and frozen baselines cannot be used
+  with them either (a frozen baseline keeps bins and proportions, not values).
 
 Methods are evaluator.stats.registry names: numeric psi, js, ks, wasserstein; categorical psi, js, chi2. Bins for
 numeric psi/js: `bounds` when given (e.g. decades for amounts), else `bins` quantile bins of the baseline (default
@@ -38,8 +40,8 @@ import contextlib
 import inspect
 import json
 import math
-import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -48,7 +50,7 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 
-from evaluator.rules.model import Condition, Rule, RuleError, Sample, SeriesCursor, SeriesKey
+from evaluator.rules.model import Condition, KindResult, Record, Rule, RuleError, Sample, SeriesKey
 from evaluator.rules.select import (
     US,
     Member,
@@ -56,6 +58,7 @@ from evaluator.rules.select import (
     Runs,
     evaluate_each,
     fetch_runs,
+    priors_of,
     series_key,
     shape_of,
     to_us,
@@ -66,6 +69,7 @@ from evaluator.stats.drift import DEFAULT_EPS, DriftResult, Histogram, count_cat
 from evaluator.yamlsrc import (
     Node,
     Problems,
+    as_yaml,
     check_keys,
     read_bool,
     read_duration,
@@ -119,6 +123,19 @@ class FrozenBaseline:
     def counts(self) -> npt.NDArray[np.int64]:
         return np.round(np.asarray(self.proportions, dtype=np.float64) * self.n).astype(np.int64)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"frozen": [self.window_start, self.window_end, self.captured_at, self.bounds, self.categories,
+                           self.proportions, self.n]}
+
+    @staticmethod
+    def from_json(data: Any) -> FrozenBaseline | None:
+        try:
+            ws, we, ca, bounds, categories, props, n = data["frozen"]
+            return FrozenBaseline(float(ws), float(we), float(ca), None if bounds is None else tuple(bounds),
+                                  None if categories is None else tuple(categories), tuple(props), int(n))
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def as_input(self) -> Histogram | dict[str, int]:
         """What the drift functions take: a histogram on the frozen bounds, or counts per category."""
         counts = self.counts()
@@ -135,6 +152,7 @@ class _Side:
     strings: list[str]
     histogram: Histogram | None
     spans: list[tuple[str, str]]
+    problem: str = ""  # why this series' data cannot be judged (e.g. histograms of two bucket layouts)
 
     @property
     def n(self) -> int:
@@ -153,17 +171,21 @@ def _new_side() -> _Side:
 # -- the kind ----------------------------------------------------------------------------------------------------
 
 class DistributionKind:
-    """Evaluates distribution rules; holds frozen baselines captured while the store could not be written."""
+    """Judges distribution rules at the slots of their group (see evaluator.rules.model.RuleKind)."""
 
-    def __init__(self) -> None:
-        self._memory: dict[tuple[str, str, str], FrozenBaseline] = {}  # (rule id, fingerprint, series json)
-        self._lock = threading.Lock()
+    timeline = "slots"
 
-    def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
-                 cursors: dict[str, dict[SeriesKey, SeriesCursor]]) -> Results:
-        return evaluate_each(rules, lambda rule: self._evaluate(rule, float(ts), cur))
+    def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection, prior: Any = None) -> Results:
+        priors = priors_of(prior)
 
-    def _evaluate(self, rule: Rule, ts: float, cur: duckdb.DuckDBPyConnection) -> list[Sample]:
+        def one(rule: Rule) -> KindResult:
+            p = priors.get(rule.id)
+            return self._evaluate(rule, float(ts), cur, p.series if p is not None else {})
+
+        return evaluate_each(rules, one)
+
+    def _evaluate(self, rule: Rule, ts: float, cur: duckdb.DuckDBPyConnection,
+                  known: Mapping[SeriesKey, Any]) -> KindResult:
         spec = rule.spec
         if not isinstance(spec, DistributionSpec):
             raise RuleError(f"{rule.id}: a distribution rule needs a DistributionSpec, not {type(spec).__name__}")
@@ -174,27 +196,35 @@ class DistributionKind:
             raise RuleError(f"{rule.id}: method {spec.method} needs raw values on both sides")
         b_lo, b_hi = spec.baseline_bounds(ts)
         current = self._collect(rule, cur, ts - spec.current, ts)
-        frozen = self._load_frozen(rule, cur) if spec.frozen else {}
+        frozen = self._load_frozen(rule, cur, known) if spec.frozen else {}
         # with a frozen baseline, the baseline window is read only for series not captured yet
-        need_baseline = not spec.frozen or any(series_json(k) not in frozen for k in current) or not current
+        need_baseline = not spec.frozen or any(k not in frozen for k in current) or not current
         baseline = self._collect(rule, cur, b_lo, b_hi) if need_baseline else {}
-        samples: list[Sample] = []
+        result = KindResult([])
         threshold = rule.condition.threshold
-        known = {tuple(sorted(json.loads(k).items())) for k in frozen}  # captured series stay visible
-        for series in sorted(set(current) | set(baseline) | known):
+        for series in sorted(set(current) | set(baseline) | set(frozen)):
             cur_side = current.get(series) or _new_side()
             base_side = baseline.get(series) or _new_side()
             spans = tuple(cur_side.spans[-MAX_SPANS:])
+
+            def nodata(why: str, series: SeriesKey = series, spans: tuple[tuple[str, str], ...] = spans) -> None:
+                result.samples.append(Sample(series, ts, None, threshold, None, None, None, spans, why))
+
+            problem = cur_side.problem or base_side.problem
+            if problem:
+                nodata(problem)
+                continue
             base_input: Any
             note = ""
             if spec.frozen:
-                fb = frozen.get(series_json(series))
+                fb = frozen.get(series)
                 if fb is None and base_side.n >= spec.min_samples:
-                    fb = self._capture(rule, cur, series, base_side, ts, b_lo, b_hi)
+                    fb = _capture(rule, series, base_side, ts, b_lo, b_hi)
+                    result.memory[series] = fb.to_json()
+                    result.records.append(_record(rule, series, fb))
                 if fb is None:
-                    samples.append(Sample(series, ts, None, threshold, None, None, None, spans,
-                                          f"n {cur_side.n}/{base_side.n} (current/baseline): the baseline has "
-                                          f"fewer than {spec.min_samples} values to freeze"))
+                    nodata(f"n {cur_side.n}/{base_side.n} (current/baseline): the baseline has fewer than "
+                           f"{spec.min_samples} values to freeze" + _gone(spec, b_lo, b_hi, base_side))
                     continue
                 n_base = fb.n
                 base_input = fb.as_input()
@@ -203,21 +233,29 @@ class DistributionKind:
                 n_base = base_side.n
                 base_input = _input(spec, base_side)
             if cur_side.n < spec.min_samples or n_base < spec.min_samples:
-                samples.append(Sample(series, ts, None, threshold, None, None, None, spans,
-                                      f"n {cur_side.n}/{n_base} (current/baseline): fewer than "
-                                      f"{spec.min_samples} values on a side{note}"))
+                nodata(f"n {cur_side.n}/{n_base} (current/baseline): fewer than {spec.min_samples} values on a "
+                       f"side{note}" + ("" if spec.frozen else _gone(spec, b_lo, b_hi, base_side)))
+                continue
+            if isinstance(base_input, Histogram) and cur_side.histogram is not None \
+                    and not np.array_equal(base_input.bounds, cur_side.histogram.bounds):
+                nodata(f"the current window's histograms have {_short(cur_side.histogram.bounds)}, the baseline's "
+                       f"{_short(base_input.bounds)}; compare histograms of one bucket layout")
                 continue
             try:
-                result = method(base_input, _input(spec, cur_side), **_params(method.func, spec, base_input))
+                drift = method(base_input, _input(spec, cur_side), **_params(method.func, spec, base_input))
             except ValueError as exc:
-                where = ", ".join(f"{k}={v}" for k, v in series) or "the rule"
-                raise RuleError(f"{rule.id}: {spec.method} for {where}: {exc}") from None
-            value = float(result.value)
+                nodata(f"{spec.method} cannot be computed: {exc}")
+                continue
+            value = float(drift.value)
             violated = rule.condition.violated(value)
             still = rule.resolve.violated(value) if rule.resolve is not None else None
-            samples.append(Sample(series, ts, value, threshold, violated, still, None, spans,
-                                  _detail(result) + note))
-        return samples
+            result.samples.append(Sample(series, ts, value, threshold, violated, still, None, spans,
+                                         _detail(drift) + note))
+        if not result.samples and not rule.group_by:
+            result.samples.append(Sample((), ts, None, threshold, None, None, None, (),
+                                         f"no values of {spec.attribute} in either window"
+                                         + _gone(spec, b_lo, b_hi, _new_side())))
+        return result
 
     # -- reading the store ---------------------------------------------------------------------------------------
 
@@ -265,10 +303,9 @@ class DistributionKind:
         arrays: dict[int, dict[str, list[float] | None]] = defaultdict(dict)
         for span_key, key, numbers in rows:
             arrays[int(span_key)][key] = numbers  # the later duplicate wins, as for scalar attributes
-        bounds: npt.NDArray[np.float64] | None = None
-        first = ""
-        sums: dict[SeriesKey, npt.NDArray[np.int64]] = {}
         for series, idx in _by_series(runs, group_by).items():
+            side = out[series]
+            first = ""
             for i in idx:
                 got = arrays.get(int(runs.span_key[i]))
                 if not got:
@@ -276,81 +313,88 @@ class DistributionKind:
                 span = f"span {runs.trace_id[i]}/{runs.span_id[i]}"
                 if got.get(kb) is None or got.get(kc) is None:
                     have, miss = (kb, kc) if got.get(kb) is not None else (kc, kb)
-                    raise RuleError(f"{rule.id}: {span} carries {have} but no numeric {miss}")
+                    side.problem = side.problem or f"{span} carries {have} but no numeric {miss}"
+                    continue
                 try:
                     h = Histogram(np.asarray(got[kb], dtype=np.float64), np.asarray(got[kc], dtype=np.float64))
                 except ValueError as exc:
-                    raise RuleError(f"{rule.id}: {span}: {exc}") from None
-                if bounds is None:
-                    bounds, first = h.bounds, span
-                elif not np.array_equal(bounds, h.bounds):
-                    raise RuleError(f"{rule.id}: histograms with different bounds: {_short(h.bounds)} on {span}, "
-                                    f"{_short(bounds)} on {first}; sum only histograms of one bucket layout")
-                sums[series] = h.counts + sums[series] if series in sums else h.counts.copy()
-                out[series].spans.append((str(runs.trace_id[i]), str(runs.span_id[i])))
-        for series, counts in sums.items():
-            assert bounds is not None
-            out[series].histogram = Histogram(bounds, counts)
+                    side.problem = side.problem or f"{span}: {exc}"
+                    continue
+                if side.histogram is None:
+                    side.histogram, first = h, span
+                elif not np.array_equal(side.histogram.bounds, h.bounds):
+                    side.problem = side.problem or (
+                        f"histograms with different bounds: {_short(h.bounds)} on {span}, "
+                        f"{_short(side.histogram.bounds)} on {first}; sum only histograms of one bucket layout")
+                    continue
+                else:
+                    side.histogram = Histogram(side.histogram.bounds, side.histogram.counts + h.counts)
+                side.spans.append((str(runs.trace_id[i]), str(runs.span_id[i])))
         return out
 
     # -- frozen baselines ------------------------------------------------------------------------------------------
 
-    def _load_frozen(self, rule: Rule, cur: duckdb.DuckDBPyConnection) -> dict[str, FrozenBaseline]:
-        fingerprint = rule.fingerprint
-        out: dict[str, FrozenBaseline] = {}
+    @staticmethod
+    def _load_frozen(rule: Rule, cur: duckdb.DuckDBPyConnection,
+                     known: Mapping[SeriesKey, Any]) -> dict[SeriesKey, FrozenBaseline]:
+        """The rule's captures: those in its series' memory, else those in frozen_baselines for its fingerprint."""
+        out: dict[SeriesKey, FrozenBaseline] = {}
         rows = cur.execute(
             "SELECT series::VARCHAR, epoch_us(window_start), epoch_us(window_end), epoch_us(captured_at), bounds, "
             "categories, proportions, n FROM frozen_baselines WHERE rule_id = $r AND fingerprint = $f",
-            {"r": rule.id, "f": fingerprint},
+            {"r": rule.id, "f": rule.fingerprint},
         ).fetchall()
         for series, ws, we, ca, bounds, categories, props, n in rows:
-            key = series_json(tuple(sorted(json.loads(series).items())))
+            key: SeriesKey = tuple(sorted(json.loads(series).items()))
             out[key] = FrozenBaseline(ws / US, we / US, ca / US, None if bounds is None else tuple(bounds),
                                       None if categories is None else tuple(categories), tuple(props), int(n))
-        with self._lock:
-            for (rid, fp, key), fb in self._memory.items():
-                if rid == rule.id and fp == fingerprint:
-                    out.setdefault(key, fb)
+        for key, c in known.items():
+            memory = getattr(c, "memory", None)
+            fb = FrozenBaseline.from_json(memory) if memory is not None else None
+            if fb is not None:
+                out[key] = fb
         return out
 
-    def _capture(self, rule: Rule, cur: duckdb.DuckDBPyConnection, series: SeriesKey, side: _Side, ts: float,
-                 lo: float, hi: float) -> FrozenBaseline:
-        spec: DistributionSpec = rule.spec
-        bounds: tuple[float, ...] | None = None
-        categories: tuple[str, ...] | None = None
-        if spec.categorical:
-            counted = count_categories(side.strings)
-            categories = tuple(counted)
-            counts = np.array([counted[c] for c in categories], dtype=np.int64)
-        elif side.histogram is not None:
-            bounds = tuple(float(b) for b in side.histogram.bounds)
-            counts = side.histogram.counts
-        else:
-            values = side.values()
-            if spec.fixed_bounds is not None:
-                edges = edges_from_bounds(spec.fixed_bounds)
-            else:
-                edges = quantile_edges(values, spec.bins)
-            bounds = tuple(float(b) for b in bounds_of(edges))
-            counts = proportions(values, edges)[0]
-        n = int(counts.sum())
-        fb = FrozenBaseline(lo, hi, ts, bounds, categories, tuple(float(c) / n for c in counts), n)
-        key = series_json(series)
-        try:
-            cur.execute("DELETE FROM frozen_baselines WHERE rule_id = $r AND series::VARCHAR = $s",
-                        {"r": rule.id, "s": key}).fetchall()
-            cur.execute(
-                "INSERT INTO frozen_baselines (rule_id, fingerprint, series, captured_at, window_start, window_end, "
-                "bounds, categories, proportions, n) VALUES ($r, $f, $s, make_timestamp($ca), make_timestamp($ws), "
-                "make_timestamp($we), $b, $c, $p, $n)",
-                {"r": rule.id, "f": rule.fingerprint, "s": key, "ca": to_us(ts), "ws": to_us(lo), "we": to_us(hi),
-                 "b": None if bounds is None else list(bounds),
-                 "c": None if categories is None else list(categories), "p": list(fb.proportions), "n": n},
-            ).fetchall()
-        except duckdb.Error:  # a read-only store (eval/replay): keep it for the life of this kind instance
-            with self._lock:
-                self._memory[(rule.id, rule.fingerprint, key)] = fb
-        return fb
+
+def _capture(rule: Rule, series: SeriesKey, side: _Side, ts: float, lo: float, hi: float) -> FrozenBaseline:
+    spec: DistributionSpec = rule.spec
+    bounds: tuple[float, ...] | None = None
+    categories: tuple[str, ...] | None = None
+    if spec.categorical:
+        counted = count_categories(side.strings)
+        categories = tuple(counted)
+        counts = np.array([counted[c] for c in categories], dtype=np.int64)
+    elif side.histogram is not None:
+        bounds = tuple(float(b) for b in side.histogram.bounds)
+        counts = side.histogram.counts
+    else:
+        values = side.values()
+        edges = edges_from_bounds(spec.fixed_bounds) if spec.fixed_bounds is not None else \
+            quantile_edges(values, spec.bins)
+        bounds = tuple(float(b) for b in bounds_of(edges))
+        counts = proportions(values, edges)[0]
+    n = int(counts.sum())
+    return FrozenBaseline(lo, hi, ts, bounds, categories, tuple(float(c) / n for c in counts), n)
+
+
+def _record(rule: Rule, series: SeriesKey, fb: FrozenBaseline) -> Record:
+    return Record("frozen_baselines", {
+        "rule_id": rule.id, "fingerprint": rule.fingerprint, "series": series_json(series),
+        "captured_at": _dt(fb.captured_at), "window_start": _dt(fb.window_start), "window_end": _dt(fb.window_end),
+        "bounds": None if fb.bounds is None else list(fb.bounds),
+        "categories": None if fb.categories is None else list(fb.categories),
+        "proportions": list(fb.proportions), "n": fb.n})
+
+
+def _dt(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None)
+
+
+def _gone(spec: DistributionSpec, lo: float, hi: float, side: _Side) -> str:
+    """A fixed baseline with no data left names its range: retention or a wrong range, not a healthy series."""
+    if spec.baseline_range is None or side.n:
+        return ""
+    return f"; no data in the fixed baseline {_iso(lo)}..{_iso(hi)} (deleted by retention, or never sent)"
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
@@ -578,7 +622,8 @@ def _read_time(node: Node | None, key: str, parent: Node, problems: Problems) ->
             pass
         else:
             return (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
-    problems.add(node, key, f"must be an ISO 8601 time (e.g. 2026-10-01T00:00:00Z) or unix seconds, got {v!r}")
+    problems.add(node, key,
+                 f"must be an ISO 8601 time (e.g. 2026-10-01T00:00:00Z) or unix seconds, got {as_yaml(node)}")
     return None
 
 

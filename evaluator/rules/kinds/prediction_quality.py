@@ -25,10 +25,10 @@ Judged at the evaluation time ts, one Sample per series (at = ts, no run_key), l
   the detail. A rule without group_by and no prediction in the window yields its one series as no data.
 - violated = rule.condition on the value; rule.resolve (if set) gives still_violated.
 
-History. Every evaluation records one row per series in `quality_values` (evaluated_at = ts, the window's
-bounds, metric, value, predictions, labelled, coverage, details JSON): as late labels arrive, the same window
-(the same ts, e.g. in a replay, or an overlapping later one) is judged again and every value is kept. When the
-store is read-only (eval/replay open the file read-only) the INSERT fails and nothing is recorded, silently.
+History. Every evaluation returns one `quality_values` row per series (evaluated_at = ts, the window's bounds,
+metric, value, predictions, labelled, coverage, details JSON), which the store records with the evaluation: as
+late labels arrive, the same window is judged again and every value is kept. `eval` and `replay` keep their
+state in memory and record nothing in the file.
 
 Batching: rules with the same selector, group_by, attributes, window and label_delay (e.g. an auc rule and a
 coverage rule on one model) share one query; a failing rule (or query) is a RuleError for its rules only.
@@ -47,7 +47,7 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 
-from evaluator.rules.model import Condition, Rule, RuleError, Sample, Selector, SeriesCursor, SeriesKey
+from evaluator.rules.model import Condition, KindResult, Record, Rule, RuleError, Sample, Selector, SeriesKey
 from evaluator.rules.select import US, Results, add_group_by, render_number, rule_error, series_key, to_us
 from evaluator.stats.classification import METRICS, ece
 from evaluator.yamlsrc import (
@@ -398,24 +398,12 @@ def _dt(us: int) -> datetime:
     return datetime.fromtimestamp(us / US, UTC).replace(tzinfo=None)
 
 
-def _record(cur: duckdb.DuckDBPyConnection, rows: list[list[Any]]) -> None:
-    """Append quality_values rows; on a read-only store nothing is recorded (silently)."""
-    if not rows:
-        return
-    try:
-        cur.executemany(
-            "INSERT INTO quality_values (rule_id, series, evaluated_at, window_start, window_end, metric, value, "
-            "predictions, labelled, coverage, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    except duckdb.Error as exc:
-        text = str(exc).lower()
-        if "read-only" in text or "read only" in text:
-            return
-        raise
-
-
 class PredictionQualityKind:
-    def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
-                 cursors: dict[str, dict[SeriesKey, SeriesCursor]]) -> Results:
+    """Judges prediction_quality rules at the slots of their group (see evaluator.rules.model.RuleKind)."""
+
+    timeline = "slots"
+
+    def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection, prior: Any = None) -> Results:
         ts = float(ts)
         ts_us = to_us(ts)
         out: Results = {}
@@ -431,14 +419,13 @@ class PredictionQualityKind:
                 data = fetched[key]
                 if isinstance(data, Exception):
                     raise data
-                out[rule.id] = self._samples(rule, key, data, ts, ts_us, cur)
+                out[rule.id] = self._samples(rule, key, data, ts, ts_us)
             except Exception as exc:
                 out[rule.id] = rule_error(rule, exc)
         return out
 
     @staticmethod
-    def _samples(rule: Rule, key: _DataKey, data: _Joined, ts: float, ts_us: int,
-                 cur: duckdb.DuckDBPyConnection) -> list[Sample]:
+    def _samples(rule: Rule, key: _DataKey, data: _Joined, ts: float, ts_us: int) -> KindResult:
         spec: PredictionQualitySpec = rule.spec
         assert rule.condition is not None
         hi_us = ts_us - to_us(spec.label_delay)
@@ -448,7 +435,7 @@ class PredictionQualityKind:
             empty = np.empty(0, np.float64)
             series[()] = (empty, empty)
         samples: list[Sample] = []
-        rows: list[list[Any]] = []
+        records: list[Record] = []
         for sk in sorted(series):
             scores, labels = series[sk]
             j = _judge(spec, scores, labels)
@@ -464,11 +451,12 @@ class PredictionQualityKind:
                 details["no_data"] = j.reason
             if j.unjudged is not None:
                 details["unjudged_value"] = j.unjudged
-            rows.append([rule.id, json.dumps(dict(sk), sort_keys=True, separators=(",", ":")), _dt(ts_us),
-                         _dt(lo_us), _dt(hi_us), spec.metric, j.value, j.predictions, j.labelled, j.coverage,
-                         json.dumps(details)])
-        _record(cur, rows)
-        return samples
+            records.append(Record("quality_values", {
+                "rule_id": rule.id, "series": json.dumps(dict(sk), sort_keys=True, separators=(",", ":")),
+                "evaluated_at": _dt(ts_us), "window_start": _dt(lo_us), "window_end": _dt(hi_us),
+                "metric": spec.metric, "value": j.value, "predictions": j.predictions, "labelled": j.labelled,
+                "coverage": j.coverage, "details": json.dumps(details)}))
+        return KindResult(samples, records=records)
 
 
 __all__ = ["PQ_METRICS", "PredictionQualityKind", "PredictionQualitySpec", "parse_prediction_quality"]

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import duckdb
 
-from evaluator.rules.model import Rule, RuleError, Sample, SeriesCursor, SeriesKey, SqlSpec
+from evaluator.rules.model import Rule, RuleError, Sample, SeriesKey, SqlSpec
 from evaluator.rules.select import Results, evaluate_each, render_number, to_us
 
 NUMERIC = {"tinyint", "smallint", "integer", "bigint", "hugeint", "utinyint", "usmallint", "uinteger", "ubigint",
@@ -91,6 +91,26 @@ def checked_query(cur: duckdb.DuckDBPyConnection, rule_id: str, query: str,
     return stmt.query, uses_ts
 
 
+def result_columns(rule_id: str, description: Sequence[Sequence[Any]]) -> tuple[int, list[int]]:
+    """(index of the value column, indices of the label columns) of a result's description; RuleError when the
+    result has no single numeric `value` column or two labels share a name. Shared with `check`."""
+    names = [d[0] for d in description]
+    value_cols = [i for i, n in enumerate(names) if n.lower() == "value"]
+    if len(value_cols) != 1:
+        raise RuleError(f"{rule_id}: the query must return exactly one column named value, "
+                        f"got columns {', '.join(names) or '(none)'}")
+    vi = value_cols[0]
+    vtype = description[vi][1]
+    if getattr(vtype, "id", str(vtype).lower()) not in NUMERIC:
+        raise RuleError(f"{rule_id}: the value column is {vtype}, not a number (CAST it to DOUBLE)")
+    label_cols = [i for i in range(len(names)) if i != vi]
+    label_names = [names[i] for i in label_cols]
+    if len(set(label_names)) != len(label_names):
+        raise RuleError(f"{rule_id}: the query returns two label columns with the same name: "
+                        f"{', '.join(label_names)}")
+    return vi, label_cols
+
+
 def label(v: object) -> str:
     if v is None:
         return ""
@@ -102,19 +122,37 @@ def label(v: object) -> str:
 
 
 class SqlKind:
-    def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
-                 cursors: dict[str, dict[SeriesKey, SeriesCursor]]) -> Results:
+    """Judges sql rules at the slots of their group (see evaluator.rules.model.RuleKind).
+
+    The read-only check of a query (parse, plan) does not depend on the evaluation time, so its outcome is kept per
+    query text for the life of the instance (one engine): a rule judged at many slots is checked once."""
+
+    timeline = "slots"
+
+    def __init__(self) -> None:
+        self._checked: dict[str, tuple[str, bool]] = {}
+
+    def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection, prior: Any = None) -> Results:
         return evaluate_each(rules, lambda rule: self._one(rule, float(ts), cur))
 
-    @staticmethod
-    def _one(rule: Rule, ts: float, cur: duckdb.DuckDBPyConnection) -> list[Sample]:
+    def _check(self, cur: duckdb.DuckDBPyConnection, rule: Rule, params: dict[str, Any]) -> tuple[str, bool]:
+        text = rule.spec.query
+        got = self._checked.get(text)
+        if got is None:
+            got = checked_query(cur, rule.id, text, params)  # a RuleError is raised, not kept: checked again
+            if len(self._checked) >= 1000:
+                self._checked.clear()
+            self._checked[text] = got
+        return got
+
+    def _one(self, rule: Rule, ts: float, cur: duckdb.DuckDBPyConnection) -> list[Sample]:
         if not isinstance(rule.spec, SqlSpec):
             raise RuleError(f"{rule.id}: an sql rule needs an SqlSpec, not {type(rule.spec).__name__}")
         cond = rule.condition
         if cond is None:
             raise RuleError(f"{rule.id}: an sql rule needs a condition (op and threshold)")
         params = {"ts": ts_param(ts)}
-        query, uses_ts = checked_query(cur, rule.id, rule.spec.query, params)
+        query, uses_ts = self._check(cur, rule, params)
         try:
             cur.execute(query, params if uses_ts else None)
             rows = cur.fetchall()
@@ -122,19 +160,7 @@ class SqlKind:
         except duckdb.Error as exc:
             raise RuleError(f"{rule.id}: the query failed: {exc}") from None
         names = [d[0] for d in description]
-        value_cols = [i for i, n in enumerate(names) if n.lower() == "value"]
-        if len(value_cols) != 1:
-            raise RuleError(f"{rule.id}: the query must return exactly one column named value, "
-                            f"got columns {', '.join(names) or '(none)'}")
-        vi = value_cols[0]
-        vtype = description[vi][1]
-        if getattr(vtype, "id", str(vtype).lower()) not in NUMERIC:
-            raise RuleError(f"{rule.id}: the value column is {vtype}, not a number (CAST it to DOUBLE)")
-        label_cols = [i for i in range(len(names)) if i != vi]
-        label_names = [names[i] for i in label_cols]
-        if len(set(label_names)) != len(label_names):
-            raise RuleError(f"{rule.id}: the query returns two label columns with the same name: "
-                            f"{', '.join(label_names)}")
+        vi, label_cols = result_columns(rule.id, description)
         samples: list[Sample] = []
         seen: set[SeriesKey] = set()
         for row in rows:

@@ -1,16 +1,17 @@
-"""threshold: each run's value against a fixed bound, one Sample per run.
+"""threshold: each run's value against a fixed bound, one Sample per run (a per-run kind).
 
 Batching: rules with the same selector shape (span, service, where keys, value attribute, group_by) are one
-query (`select.fetch_runs`); each distinct where tuple is a member with its own lower bound. The bound is the
-series' cursor when the rule has no group_by and a cursor (the incremental tick reads only the rows since the
-last judged run), otherwise the lookback (a new series may appear) or an older cursor. Runs are then split per
-rule and series in Python, and those at or before their series' cursor, or after ts, are dropped.
+query per kind of read (`select.fetch_new_runs`): the whole history of rules evaluated for the first time, so the
+state they fold to is the same however their evaluations were stepped; otherwise the runs that arrived since the
+previous evaluation. Runs are then split per rule and series in Python. A run that arrives after later runs of its
+series were judged (a late run) is judged when it arrives, at its own time, and says so in its detail.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -19,16 +20,16 @@ import numpy.typing as npt
 from evaluator.rules.model import Rule, RuleError, Sample, SeriesCursor, SeriesKey, ThresholdSpec
 from evaluator.rules.select import (
     Batch,
-    Member,
     Results,
     Runs,
     RunShape,
     SeriesKeys,
     WhereValue,
     evaluate_batched,
-    fetch_runs,
-    is_judged,
-    judged_lower_bound,
+    fetch_new_runs,
+    is_late,
+    is_new,
+    priors_of,
     shape_of,
     to_us,
 )
@@ -43,44 +44,55 @@ def _shape(rule: Rule) -> tuple[RunShape, tuple[WhereValue, ...]]:
 
 
 class ThresholdKind:
-    def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
-                 cursors: dict[str, dict[SeriesKey, SeriesCursor]]) -> Results:
+    """Judges threshold rules run by run (a per-run kind: see evaluator.rules.model.RuleKind)."""
+
+    timeline = "runs"
+
+    def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection, prior: Any) -> Results:
         ts_us = to_us(ts)
+        priors = priors_of(prior)
 
         def run_batch(shape: RunShape, batch: Batch) -> Results:
-            los: dict[tuple[WhereValue, ...], int] = {}
-            for rule, where in batch:
-                lo = judged_lower_bound(rule, rule.spec.lookback, ts_us, cursors.get(rule.id, {}))
-                los[where] = min(lo, los.get(where, lo))
-            wheres = list(los)
-            runs = fetch_runs(cur, shape, [Member(w, los[w], ts_us) for w in wheres])
+            runs, index = fetch_new_runs(cur, shape, batch, priors, ts_us)
             rows = runs.by_member()
-            index = {w: i for i, w in enumerate(wheres)}
-            return {rule.id: judge_runs(rule, runs, rows.get(index[where], []), ts_us, cursors.get(rule.id, {}))
-                    for rule, where in batch}
+            out: Results = {}
+            for rule, where in batch:
+                p = priors.get(rule.id)
+                out[rule.id] = judge_runs(rule, runs, rows.get(index[where], []), p.series if p else {},
+                                          p.seen_key if p else None)
+            return out
 
         return evaluate_batched(rules, _shape, run_batch)
 
 
-def judge_runs(rule: Rule, runs: Runs, rows: Sequence[int] | npt.NDArray[np.intp], ts_us: int,
-               cursors: dict[SeriesKey, SeriesCursor]) -> list[Sample]:
-    """One Sample per run not judged yet, in time order."""
+LATE = "late: it arrived after later runs of its series were judged"
+
+
+def judge_runs(rule: Rule, runs: Runs, rows: Sequence[int] | npt.NDArray[np.intp],
+               cursors: dict[SeriesKey, SeriesCursor] | Any, seen_key: int | None = None) -> list[Sample]:
+    """One Sample per run after its series' cursor, and per late run, in time order."""
     cond = rule.condition
     assert cond is not None
     keys = SeriesKeys(rule.group_by)
-    lookback_us = to_us(rule.spec.lookback)
     out: list[Sample] = []
-    for i in rows:
-        series = keys(runs, i)
-        time_us, span_key = int(runs.time_us[i]), int(runs.span_key[i])
-        if not is_judged(time_us, span_key, cursors.get(series), ts_us, lookback_us):
-            continue
-        x = float(runs.value[i])
+    times: list[int] = runs.time_us[rows].tolist() if len(rows) else []
+    values: list[float] = runs.value[rows].tolist() if len(rows) else []
+    span_keys: list[int] = runs.span_key[rows].tolist() if len(rows) else []
+    for j, i in enumerate(rows):
+        series = keys(runs, int(i))
+        time_us, span_key, x = times[j], span_keys[j], values[j]
+        cursor = cursors.get(series)
+        late = False
+        if not is_new(time_us, span_key, cursor):
+            if not is_late(span_key, cursor, seen_key):
+                continue
+            late = True
         spans = ((str(runs.trace_id[i]), str(runs.span_id[i])),)
         if not math.isfinite(x):
             out.append(Sample(series, time_us / 1e6, None, cond.threshold, None, None, span_key, spans,
                               f"value {x} is not a number"))
             continue
         still = rule.resolve.violated(x) if rule.resolve is not None else None
-        out.append(Sample(series, time_us / 1e6, x, cond.threshold, cond.violated(x), still, span_key, spans))
+        out.append(Sample(series, time_us / 1e6, x, cond.threshold, cond.violated(x), still, span_key, spans,
+                          LATE if late else ""))
     return out
