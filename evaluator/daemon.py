@@ -145,13 +145,13 @@ class Daemon:
                                     "retention, reused before the file grows).")
         self.telemetry.add_collector(lambda: free.set(store_free_bytes(self.store)))
 
-    def evaluate_now(self) -> dict[str, Any]:
-        """Admin POST /evaluate: every rule group at the clock's time now. Serialized per group with the
+    def evaluate_now(self, at: float | None = None) -> dict[str, Any]:
+        """Admin POST /evaluate: every rule group at the clock's time now (or `at`). Serialized per group with the
         scheduler's own runs, never at a time before the group's last evaluation (GroupScheduler.evaluate_now)."""
         why = self._not_ready_reason()
         if why is not None:
             raise RuntimeError(why)
-        return self.scheduler.evaluate_all_now()
+        return self.scheduler.evaluate_all_now(at)
 
     def _not_ready_reason(self) -> str | None:
         if not self._ready:

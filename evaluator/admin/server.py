@@ -1,8 +1,8 @@
 """Admin HTTP: /healthz (the process answers), /readyz (every component is up), /metrics (Prometheus text),
 /ladder (per subject, the rungs with every rule's series, JSON; ?dataset=, ?model=, ?subject=, ?service= to pick; an
-unknown name is 404 with the known ones), /alerts (pending and firing, JSON)
-and POST /evaluate (evaluate every rule group now; the groups and the transitions, JSON) and POST /query (one
-read-only SQL statement over the store, as JSON, CSV or Arrow; evaluator/postmortem/query.py)."""
+unknown name is 404 with the known ones), /alerts (pending and firing, JSON), POST /evaluate (evaluate every rule
+group now, or at {"at": T}; the groups and the transitions, JSON) and POST /query (one read-only SQL statement over
+the store, as JSON, CSV or Arrow; evaluator/postmortem/query.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from evaluator.postmortem.query import FORMATS, QueryLimits, QueryProblem, Query
 from evaluator.security.auth import Authenticator
 from evaluator.security.tls import TlsSettings
 from evaluator.telemetry import Telemetry
+from evaluator.timeparse import parse_time
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class AdminServer:
         log: structlog.typing.FilteringBoundLogger | None = None,
         cursor_factory: Callable[[], duckdb.DuckDBPyConnection] | None = None,
         auth: Authenticator | None = None,
-        evaluate: Callable[[], dict[str, Any]] | None = None,
+        evaluate: Callable[[float | None], dict[str, Any]] | None = None,
         rules: Callable[[], Iterable[Any]] | None = None,
     ) -> None:
         """ready() returns None when ready, or why not; cursor_factory serves /ladder and /alerts; evaluate()
@@ -114,11 +115,15 @@ class AdminServer:
     def _evaluate_now(self, request: Request) -> Response:
         if request.method != "POST":
             return text(405, "use POST /evaluate", Allow="POST")
-        request.read_body(65536)  # nothing is expected in it; read so the connection stays usable
+        body = request.read_body(65536)
         if self._evaluate is None:
             return text(404, "no rule engine")
         try:
-            result = self._evaluate()
+            at = _evaluate_at(body)
+        except ValueError as exc:
+            return text(400, str(exc))
+        try:
+            result = self._evaluate(at)
         except RuntimeError as exc:
             return text(503, f"cannot evaluate now: {exc}")
         return Response(200, json.dumps(result, indent=2).encode(), "application/json")
@@ -156,3 +161,24 @@ class AdminServer:
 
 def _query_error(status: int, doc: dict[str, str], headers: dict[str, str] | None = None) -> Response:
     return Response(status, json.dumps(doc).encode(), "application/json", headers=headers or {})
+
+
+def _evaluate_at(body: bytes) -> float | None:
+    """POST /evaluate's optional JSON body {"at": <ISO-8601 or unix seconds>}: evaluate at that time instead of
+    now (never before a group's last evaluation). An empty body means now."""
+    if not body.strip():
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ValueError('the body must be empty or JSON like {"at": "2026-11-15T07:00:00Z"}') from None
+    if not isinstance(data, dict) or set(data) - {"at"}:
+        raise ValueError('the body must be empty or JSON like {"at": "2026-11-15T07:00:00Z"}')
+    at = data.get("at")
+    if at is None:
+        return None
+    if isinstance(at, int | float) and not isinstance(at, bool):
+        return float(at)
+    if isinstance(at, str):
+        return parse_time(at)
+    raise ValueError("at: use ISO-8601 like 2026-11-15T07:00:00Z or unix seconds")

@@ -122,7 +122,8 @@ def _parse_threshold(node: Node, where: str, problems: Problems) -> tuple[Any, C
     return spec, condition, resolve
 
 
-_BASELINE_KEYS = {"runs", "window", "method", "tolerance", "z", "quantiles", "min_history", "seasonality"}
+_BASELINE_KEYS = {"runs", "window", "method", "tolerance", "z", "quantiles", "min_history", "seasonality", "exclude"}
+BASELINE_METHODS = ("relative", "zscore", "robust", "quantile_band")
 
 
 def _parse_baseline(node: Node, where: str, problems: Problems) -> tuple[Any, Condition | None, Condition | None]:
@@ -142,12 +143,19 @@ def _parse_baseline(node: Node, where: str, problems: Problems) -> tuple[Any, Co
             problems.add(b, bw, "give exactly one of runs (previous N runs) or window (e.g. 7d)")
         kw["history_runs"], kw["history_window"] = runs, window
         method = read_str(b.get("method"), f"{bw}.method", problems) or "relative"
-        if method not in ("relative", "zscore", "quantile_band"):
-            problems.add(b.get("method"), f"{bw}.method", "must be relative, zscore or quantile_band")
+        if method not in BASELINE_METHODS:
+            problems.add(b.get("method"), f"{bw}.method", f"must be one of {', '.join(BASELINE_METHODS)}")
         kw["method"] = method
-        for key, expected in (("tolerance", "relative"), ("z", "zscore"), ("quantiles", "quantile_band")):
-            if b.get(key) is not None and method != expected:
-                problems.add(b.get(key), f"{bw}.{key}", f"applies to method {expected}, not {method}")
+        for key, expected in (("tolerance", ("relative",)), ("z", ("zscore", "robust")),
+                              ("quantiles", ("quantile_band",))):
+            if b.get(key) is not None and method not in expected:
+                problems.add(b.get(key), f"{bw}.{key}", f"applies to method {' or '.join(expected)}, not {method}")
+        exclude = read_str(b.get("exclude"), f"{bw}.exclude", problems)
+        if exclude is not None and exclude not in ("violations", "none"):
+            problems.add(b.get("exclude"), f"{bw}.exclude",
+                         "must be violations (violating runs never enter the baseline) or none")
+        elif exclude is not None:
+            kw["exclude"] = exclude
         tol = read_float(b.get("tolerance"), f"{bw}.tolerance", problems)
         if tol is not None and tol <= 0:
             problems.add(b.get("tolerance"), f"{bw}.tolerance", "must be above 0 (0.05 means ±5%)")
@@ -168,6 +176,9 @@ def _parse_baseline(node: Node, where: str, problems: Problems) -> tuple[Any, Co
         mh = read_int(b.get("min_history"), f"{bw}.min_history", problems, minimum=1)
         if mh is not None:
             kw["min_history"] = mh
+        if runs is not None and (mh if mh is not None else BaselineSpec.min_history) > runs:
+            problems.add(b.get("min_history") or b, f"{bw}.min_history",
+                         f"is more than runs ({runs}): the baseline could never have enough runs")
         season = read_str(b.get("seasonality"), f"{bw}.seasonality", problems)
         if season is not None and season != "weekday":
             problems.add(b.get("seasonality"), f"{bw}.seasonality", "the only seasonality is weekday")

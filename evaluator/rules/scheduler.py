@@ -90,28 +90,28 @@ class GroupScheduler:
                 self._log.error("group evaluation failed", group=name, error=str(exc))
             return slot
 
-    def evaluate_now(self, name: str) -> tuple[float, list[AlertEvent]] | None:
-        """Evaluate the group now (the clock's time, or the group's last evaluation time if that is later).
-        Waits for a scheduled evaluation of the group in progress. None if no such group is scheduled; an
-        evaluation that fails raises."""
+    def evaluate_now(self, name: str, at: float | None = None) -> tuple[float, list[AlertEvent]] | None:
+        """Evaluate the group now (the clock's time, or `at` when given, or the group's last evaluation time if
+        that is later). Waits for a scheduled evaluation of the group in progress. None if no such group is
+        scheduled; an evaluation that fails raises."""
         with self._eval_locks[name]:
             with self._lock:
                 group = self._groups.get(name)
                 if group is None:
                     return None
-                ts = max(self._clock.now(), self._last_eval.get(name, -math.inf))
+                ts = max(self._clock.now() if at is None else at, self._last_eval.get(name, -math.inf))
                 self._last_eval[name] = ts
             return ts, self._engine.evaluate_group(group, [ts])
 
-    def evaluate_all_now(self) -> dict[str, Any]:
-        """Every scheduled group now (admin POST /evaluate): the groups evaluated, with their evaluation time, the
-        transitions (rule, series, from, to, value, ...) and the rules that failed."""
+    def evaluate_all_now(self, at: float | None = None) -> dict[str, Any]:
+        """Every scheduled group now, or at `at` (admin POST /evaluate): the groups evaluated, with their evaluation
+        time, the transitions (the one transition shape, evaluator.rules.shape) and the rules that failed."""
         with self._lock:
             names = list(self._groups)
         groups: list[dict[str, Any]] = []
         transitions: list[dict[str, Any]] = []
         for name in names:
-            done = self.evaluate_now(name)
+            done = self.evaluate_now(name, at)
             if done is None:
                 continue  # removed by a reload meanwhile
             ts, events = done
