@@ -134,7 +134,8 @@ class Daemon:
             state = DuckDBState(self.store.cursor, encoders, self.outbox.wake)
         self.exporter_endpoint = traces.endpoint
         self.engine = RuleEngine(self.store.cursor, new_kinds(), state, self.telemetry,
-                                 log=self.log.bind(component="rules"), max_catch_up=DEFAULT_MAX_CATCH_UP)
+                                 log=self.log.bind(component="rules"), max_catch_up=DEFAULT_MAX_CATCH_UP,
+                                 group_deadline=True)
         self.scheduler = GroupScheduler(self.engine, self.clock, self.telemetry,
                                         log=self.log.bind(component="scheduler"))
         self._ready = False

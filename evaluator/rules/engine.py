@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import structlog
@@ -41,6 +41,7 @@ from evaluator.rules.backends import (
     RuleStatus,
     StateBackend,
 )
+from evaluator.rules.budget import BudgetCursor
 from evaluator.rules.model import (
     FIRING,
     NODATA,
@@ -66,6 +67,7 @@ from evaluator.telemetry import Telemetry
 
 __all__ = ["AlertEvent", "MemoryState", "RuleEngine", "RuleStatus", "series_json"]
 
+DEFAULT_BUDGET = 30.0  # seconds one evaluation of a rule may take, unless its rule or group says otherwise
 DEFAULT_MAX_CATCH_UP = 1440  # the daemon's limit of slots judged per rule and evaluation (a day of 1-minute slots)
 NODATA_SUMMARY = "nodata_summary"  # the annotation that overrides the default text of a nodata transition
 
@@ -116,6 +118,8 @@ class RuleEngine:
         telemetry: Telemetry | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
         max_catch_up: int | None = None,
+        default_budget: float | None = DEFAULT_BUDGET,
+        group_deadline: bool = False,
     ) -> None:
         """cursor_factory() returns a new DuckDB cursor (Store.cursor), closed by the engine after use. kinds:
         one instance per kind name, owned by this engine (kinds keep no state, but nothing is shared).
@@ -127,6 +131,9 @@ class RuleEngine:
         self._log = log or structlog.get_logger("rules")
         self.ruleset = RuleSet()
         self._max_catch_up = None if max_catch_up is None else max(1, max_catch_up)
+        self._default_budget = default_budget
+        self._group_deadline = group_deadline  # the daemon: a group's evaluation ends within its interval
+        self._deadline: float | None = None
         self._health: dict[str, str | None] = {}
         self._health_lock = threading.Lock()
         self._group_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -137,6 +144,13 @@ class RuleEngine:
                                         ("state",))
         self._group_seconds = tel.gauge("rule_group_last_duration_seconds",
                                         "How long the last evaluation of a group took.", ("group",))
+        self._nodata = tel.counter("rule_series_nodata_total",
+                                   "Judgements of a series that could not be judged (no data), per rule and reason "
+                                   "(e.g. too_few_values, bad_histogram, warming_up, not_a_number, too_few_labels).",
+                                   ("rule_id", "reason"))
+        self._over = tel.counter("rule_evaluations_stopped_total",
+                                 "Rule evaluations stopped: over the rule's time budget, or left when the group's "
+                                 "evaluation had taken the group's interval.", ("reason",))
         self._skipped = tel.counter("rule_slots_skipped_total",
                                     "Slots of rules judged at slots that were not judged because more were missed "
                                     "than max_catch_up (after downtime).", ("group",))
@@ -183,6 +197,7 @@ class RuleEngine:
             t0 = time.perf_counter()
             rules = list(group.rules)
             prior = self.state.load(rules)
+            self._deadline = time.monotonic() + group.interval if self._group_deadline and len(times) == 1 else None
             judged, errors, durations = self._judge(group, rules, prior, times, slot_interval or group.interval)
             statuses, events, records = self._fold(group, rules, prior, judged, errors, durations, times)
             self.state.save(Evaluation(group, times[-1], statuses, events, records))
@@ -273,18 +288,61 @@ class RuleEngine:
         for rule_id in errors:
             judged.pop(rule_id, None)
 
-    @staticmethod
-    def _call(kind: RuleKind, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
+    def budget(self, rule: Rule) -> float | None:
+        """How long one evaluation of the rule may take: its own budget (or its group's), else the default."""
+        return rule.budget if rule.budget is not None else self._default_budget
+
+    def _call(self, kind: RuleKind, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
               priors: dict[str, RulePrior], durations: dict[str, float]) -> dict[str, KindResult | RuleError]:
+        """Ask a kind about rules, each call within its rules' time budget: rules of one budget together when the
+        kind batches them (they share queries), else one by one."""
+        parts: dict[float | None, list[Rule]] = defaultdict(list)
+        if getattr(kind, "batched", True):
+            for r in rules:
+                parts[self.budget(r)].append(r)
+            calls = list(parts.values())
+        else:
+            calls = [[r] for r in rules]
+        out: dict[str, KindResult | RuleError] = {}
+        for part in calls:
+            out.update(self._bounded_call(kind, part, ts, cur, priors, durations))
+        return out
+
+    def _bounded_call(self, kind: RuleKind, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
+                      priors: dict[str, RulePrior],
+                      durations: dict[str, float]) -> dict[str, KindResult | RuleError]:
+        """One call of a kind within the rules' time budget. Over it, a batch is run again rule by rule, each
+        within its own budget, so only the rule that runs away is stopped: it gets "over its time budget", the
+        others their results."""
+        budgets = [self.budget(r) for r in rules]
+        seconds = None if any(b is None for b in budgets) else max(cast(list[float], budgets))
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                why = "not evaluated: its group's evaluation already took the group's interval"
+                self._over.inc(len(rules), reason="group_interval")
+                return {r.id: RuleError(why) for r in rules}
+            seconds = left if seconds is None else min(seconds, left)
         k0 = time.perf_counter()
-        try:
-            raw = kind.evaluate(rules, ts, cur, priors)
-        except (duckdb.Error, RuleError, ValueError, TypeError) as exc:
-            raw = {r.id: RuleError(f"{type(exc).__name__}: {exc}") for r in rules}
+        with BudgetCursor(cur, seconds) as bounded:
+            try:
+                raw = kind.evaluate(rules, ts, bounded, priors)  # type: ignore[arg-type]
+            except (duckdb.Error, RuleError, ValueError, TypeError) as exc:
+                raw = {r.id: RuleError(f"{type(exc).__name__}: {exc}") for r in rules}
         share = (time.perf_counter() - k0) / len(rules)
         for r in rules:
             durations[r.id] += share
-        out: dict[str, KindResult | RuleError] = {}
+        if bounded.expired:
+            if len(rules) > 1:
+                out: dict[str, KindResult | RuleError] = {}
+                for r in rules:
+                    out.update(self._bounded_call(kind, [r], ts, cur, priors, durations))
+                return out
+            self._over.inc(reason="rule_budget")
+            assert seconds is not None
+            return {rules[0].id: RuleError(f"over its time budget of {seconds:g} s: stopped (DuckDB interrupt); "
+                                           "make it cheaper or give it a larger budget")}
+        out = {}
         for rule_id, v in raw.items():
             out[rule_id] = KindResult(v) if isinstance(v, list) else v
         return out
@@ -293,6 +351,10 @@ class RuleEngine:
               errors: dict[str, str], durations: dict[str, float],
               times: list[float]) -> tuple[list[RuleStatus], list[AlertEvent], list[Record]]:
         ok = [r for r in rules if r.id in judged]
+        for rule in ok:
+            for s in judged[rule.id].samples:
+                if s.violated is None:
+                    self._nodata.inc(rule_id=rule.id, reason=s.reason or "other")
         states: dict[str, dict[SeriesKey, SeriesState]] = {r.id: dict(prior[r.id].states) for r in ok}
         pending: dict[str, dict[SeriesKey, list[Sample]]] = {}
         for rule in ok:

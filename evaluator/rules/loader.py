@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from evaluator.yamlsrc import (
 
 COMMON_KEYS = {
     "alert", "kind", "rung", "owner", "severity", "labels", "annotations", "select", "group_by", "for_runs", "for",
-    "keep_firing_for",
+    "keep_firing_for", "budget",
 }
 TEMPLATE_RE = re.compile(r"{{\s*([A-Za-z_][\w.\-]*)\s*}}")
 TEMPLATE_NAMES = {"value", "threshold", "rule", "alert", "owner", "rung", "severity", "detail", "state"}
@@ -331,6 +332,7 @@ def _parse_rule(node: Node, group: str, index: int, file: str, problems: Problem
     for_runs = read_int(node.get("for_runs"), f"{where}.for_runs", problems, minimum=1) or 1
     for_seconds = read_duration(node.get("for"), f"{where}.for", problems) or 0.0
     keep = read_duration(node.get("keep_firing_for"), f"{where}.keep_firing_for", problems) or 0.0
+    budget = _budget(node.get("budget"), f"{where}.budget", problems)
     selector = _parse_selector(node.get("select"), f"{where}.select", problems)
     if parser is None:
         return None
@@ -342,7 +344,16 @@ def _parse_rule(node: Node, group: str, index: int, file: str, problems: Problem
         condition=condition, resolve=resolve, selector=selector, group_by=group_by,
         labels=tuple(sorted(labels.items())), annotations=tuple(sorted(annotations.items())),
         for_runs=for_runs, for_seconds=for_seconds, keep_firing_for=keep, source=f"{file}:{node.line}",
+        budget=budget,
     )
+
+
+def _budget(node: Node | None, key: str, problems: Problems) -> float | None:
+    value = read_duration(node, key, problems)
+    if value is not None and value <= 0:
+        problems.add(node, key, "must be above 0 (how long one evaluation of the rule may take, e.g. 30s)")
+        return None
+    return value
 
 
 def _ladder(node: Node | None, group: str, problems: Problems) -> tuple[str, ...]:
@@ -378,7 +389,7 @@ def parse_rule_file(root: Node, problems: Problems) -> list[RuleGroup]:
         if not g.is_map():
             problems.add(g, gw, "a group must be a mapping")
             continue
-        check_keys(g, {"name", "interval", "rules", "ladder_inhibition"}, problems, gw)
+        check_keys(g, {"name", "interval", "rules", "ladder_inhibition", "budget"}, problems, gw)
         gname = _require_str(g, "name", gw, problems) or f"#{gi}"
         interval = read_duration(g.get("interval"), f"groups.{gname}.interval", problems)
         if g.get("interval") is None:
@@ -402,9 +413,13 @@ def parse_rule_file(root: Node, problems: Problems) -> list[RuleGroup]:
                 continue
             seen[rule.name] = r.line
             rules.append(rule)
+        group_budget = _budget(g.get("budget"), f"groups.{gname}.budget", problems)
+        if group_budget is not None:
+            rules = [r if r.budget is not None else replace(r, budget=group_budget) for r in rules]
         if interval is not None:
             groups.append(RuleGroup(gname, interval, tuple(rules), source=f"{root.file}:{g.line}",
-                                    inhibit_labels=_ladder(g.get("ladder_inhibition"), gname, problems)))
+                                    inhibit_labels=_ladder(g.get("ladder_inhibition"), gname, problems),
+                                    budget=group_budget))
     return groups
 
 

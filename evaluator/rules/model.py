@@ -137,6 +137,7 @@ class Rule:
     for_seconds: float = 0.0
     keep_firing_for: float = 0.0
     source: str = ""  # file:line of the rule
+    budget: float | None = None  # seconds an evaluation of this rule may take (None: the group's, else the default)
 
     @property
     def id(self) -> str:
@@ -148,6 +149,7 @@ class Rule:
         Cached: a rule is frozen, and this is read for every series on every evaluation."""
         data = asdict(self)
         data.pop("source")
+        data.pop("budget")  # how long it may take does not change what it decides
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -160,6 +162,7 @@ class RuleGroup:
     # Ladder inhibition: while an alert of a higher rung fires for a series whose value of one of these labels is
     # D, transitions of lower rungs for D are recorded as inhibited and not sent. Empty: off.
     inhibit_labels: tuple[str, ...] = ()
+    budget: float | None = None  # default time budget of the group's rules (seconds)
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,7 @@ class Sample:
     run_key: int | None = None
     spans: tuple[tuple[str, str], ...] = ()  # (trace_id, span_id) of the run(s) judged
     detail: str = ""  # how the value was reached, e.g. "mean of 7 runs 10000000"
+    reason: str = ""  # for "no data": a short code of why (counted per rule and reason), e.g. "too_few_values"
 
     @property
     def hysteresis_violated(self) -> bool | None:
@@ -258,6 +262,8 @@ class RuleKind(Protocol):
     """
 
     timeline: str
+    # batched (default True): rules are passed together so a kind can share queries; a kind that answers rule by
+    # rule says False, and the engine calls it one rule at a time (each within its own time budget)
 
     def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
                  prior: Mapping[str, RulePrior]) -> dict[str, list[Sample] | KindResult | RuleError]: ...

@@ -97,11 +97,12 @@ class _Series:
         self.threshold = threshold_of(self.spec)
 
     def _sample(self, at: float, value: float | None, violated: bool | None, detail: str,
-                run_key: int | None = None, spans: tuple[tuple[str, str], ...] = ()) -> None:
+                run_key: int | None = None, spans: tuple[tuple[str, str], ...] = (), reason: str = "") -> None:
         rule = self.rule
         still = rule.resolve.violated(value) if rule.resolve is not None and violated is not None and \
             value is not None else None
-        self.out.append(Sample(self.series, at, value, self.threshold, violated, still, run_key, spans, detail))
+        self.out.append(Sample(self.series, at, value, self.threshold, violated, still, run_key, spans, detail,
+                               reason))
 
     def deadlines(self, until: float, after: float) -> None:
         """Judgements for the deadlines passed between the newest run and `until` (the next run's time, or the
@@ -138,7 +139,8 @@ class _Series:
             self._sample(at, 0.0, False, f"ran at {_iso(at)}", key, spans)
             return
         if math.isnan(event):
-            self._sample(at, None, None, f"the run of {_iso(at)} has no {spec.lag_attribute}", key, spans)
+            self._sample(at, None, None, f"the run of {_iso(at)} has no {spec.lag_attribute}", key, spans,
+                         "missing_attribute")
             return
         value = at - event
         self._sample(at, value, value > self.threshold,
@@ -202,6 +204,6 @@ def _judge(rule: Rule, runs: Any, rows: Any, prior: RulePrior | None, ts: float)
         violated = True if value > threshold else None
         still = rule.resolve.violated(value) if rule.resolve is not None and violated else None
         samples.append(Sample((), ts, value, threshold, violated, still, None, (),
-                              f"no run in the last {_dur(value)}"))
+                              f"no run in the last {_dur(value)}", "" if violated else "never_ran"))
     samples.sort(key=lambda s: (s.at, s.run_key or 0))
     return KindResult(samples, memory)

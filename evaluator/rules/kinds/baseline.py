@@ -123,6 +123,7 @@ class Verdict:
     threshold: tuple[float, float] | None
     violated: bool | None
     detail: str
+    reason: str = ""  # for no data: why, as a short code
 
 
 def _outside(v: float, band: tuple[float, float]) -> bool:
@@ -225,10 +226,10 @@ def _prune(spec: BaselineSpec, mem: Memory) -> None:
 def step(spec: BaselineSpec, mem: Memory, t_us: int, x: float, detail: bool = True) -> Verdict:
     """Judge one run (runs come in (time, span_key) order) and let it enter the memory when it should."""
     if not math.isfinite(x):
-        return Verdict(None, None, None, f"value {x} is not a number")
+        return Verdict(None, None, None, f"value {x} is not a number", "not_a_number")
     if mem.entered < spec.min_history:
         verdict = Verdict(x, None, None,
-                          f"warming up: {mem.entered} of min_history {spec.min_history} baseline runs")
+                          f"warming up: {mem.entered} of min_history {spec.min_history} baseline runs", "warming_up")
         enters = True
     else:
         values, note = _baseline(spec, mem, t_us)
@@ -322,11 +323,11 @@ def _judge_rule(rule: Rule, runs: Runs, rows: Sequence[int] | Any, priors: RuleP
             continue  # rebuilding the memory of a series whose runs up to its cursor were judged before
         if late:
             verdict = Verdict(verdict.value, verdict.threshold, verdict.violated,
-                              (verdict.detail + "; " if verdict.detail else "") + LATE)
+                              (verdict.detail + "; " if verdict.detail else "") + LATE, verdict.reason)
         still = None
         if rule.resolve is not None and verdict.violated is not None and verdict.value is not None:
             still = rule.resolve.violated(verdict.value)
         samples.append(Sample(series, t / US, verdict.value, verdict.threshold, verdict.violated, still, key,
-                              ((str(runs.trace_id[i]), str(runs.span_id[i])),), verdict.detail))
+                              ((str(runs.trace_id[i]), str(runs.span_id[i])),), verdict.detail, verdict.reason))
     memory = {series: {str(k): m.to_json() for k, m in mems.items()} for series, mems in memories.items()}
     return KindResult(samples, memory)

@@ -174,6 +174,7 @@ class DistributionKind:
     """Judges distribution rules at the slots of their group (see evaluator.rules.model.RuleKind)."""
 
     timeline = "slots"
+    batched = False  # rule by rule: the engine calls it so, each within its own time budget
 
     def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection, prior: Any = None) -> Results:
         priors = priors_of(prior)
@@ -207,12 +208,13 @@ class DistributionKind:
             base_side = baseline.get(series) or _new_side()
             spans = tuple(cur_side.spans[-MAX_SPANS:])
 
-            def nodata(why: str, series: SeriesKey = series, spans: tuple[tuple[str, str], ...] = spans) -> None:
-                result.samples.append(Sample(series, ts, None, threshold, None, None, None, spans, why))
+            def nodata(why: str, reason: str, series: SeriesKey = series,
+                       spans: tuple[tuple[str, str], ...] = spans) -> None:
+                result.samples.append(Sample(series, ts, None, threshold, None, None, None, spans, why, reason))
 
             problem = cur_side.problem or base_side.problem
             if problem:
-                nodata(problem)
+                nodata(problem, "bad_histogram")
                 continue
             base_input: Any
             note = ""
@@ -224,7 +226,8 @@ class DistributionKind:
                     result.records.append(_record(rule, series, fb))
                 if fb is None:
                     nodata(f"n {cur_side.n}/{base_side.n} (current/baseline): the baseline has fewer than "
-                           f"{spec.min_samples} values to freeze" + _gone(spec, b_lo, b_hi, base_side))
+                           f"{spec.min_samples} values to freeze" + _gone(spec, b_lo, b_hi, base_side),
+                           "too_few_values")
                     continue
                 n_base = fb.n
                 base_input = fb.as_input()
@@ -234,17 +237,17 @@ class DistributionKind:
                 base_input = _input(spec, base_side)
             if cur_side.n < spec.min_samples or n_base < spec.min_samples:
                 nodata(f"n {cur_side.n}/{n_base} (current/baseline): fewer than {spec.min_samples} values on a "
-                       f"side{note}" + ("" if spec.frozen else _gone(spec, b_lo, b_hi, base_side)))
+                       f"side{note}" + ("" if spec.frozen else _gone(spec, b_lo, b_hi, base_side)), "too_few_values")
                 continue
             if isinstance(base_input, Histogram) and cur_side.histogram is not None \
                     and not np.array_equal(base_input.bounds, cur_side.histogram.bounds):
                 nodata(f"the current window's histograms have {_short(cur_side.histogram.bounds)}, the baseline's "
-                       f"{_short(base_input.bounds)}; compare histograms of one bucket layout")
+                       f"{_short(base_input.bounds)}; compare histograms of one bucket layout", "bad_histogram")
                 continue
             try:
                 drift = method(base_input, _input(spec, cur_side), **_params(method.func, spec, base_input))
             except ValueError as exc:
-                nodata(f"{spec.method} cannot be computed: {exc}")
+                nodata(f"{spec.method} cannot be computed: {exc}", "not_computable")
                 continue
             value = float(drift.value)
             violated = rule.condition.violated(value)
@@ -254,7 +257,7 @@ class DistributionKind:
         if not result.samples and not rule.group_by:
             result.samples.append(Sample((), ts, None, threshold, None, None, None, (),
                                          f"no values of {spec.attribute} in either window"
-                                         + _gone(spec, b_lo, b_hi, _new_side())))
+                                         + _gone(spec, b_lo, b_hi, _new_side()), "no_values"))
         return result
 
     # -- reading the store ---------------------------------------------------------------------------------------

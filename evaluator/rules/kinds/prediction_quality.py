@@ -367,6 +367,19 @@ def _judge(spec: PredictionQualitySpec, scores: npt.NDArray[np.float64],
     return _Judgement(None, value, n, k, coverage, reason, details)
 
 
+def _reason_code(reason: str) -> str:
+    """The short code of a "no data" reason, for the per-rule and reason counter."""
+    if reason.startswith("no predictions"):
+        return "no_predictions"
+    if reason.startswith("coverage"):
+        return "low_coverage"
+    if "below min_labels" in reason:
+        return "too_few_labels"
+    if "undefined" in reason:
+        return "undefined_metric"
+    return ""
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
@@ -445,7 +458,8 @@ class PredictionQualityKind:
                 violated = rule.condition.violated(j.value)
                 if rule.resolve is not None:
                     still = rule.resolve.violated(j.value)
-            samples.append(Sample(sk, ts, j.value, rule.condition.threshold, violated, still, None, (), detail))
+            samples.append(Sample(sk, ts, j.value, rule.condition.threshold, violated, still, None, (), detail,
+                                  _reason_code(j.reason)))
             details = {"window": spec.window, "label_delay": spec.label_delay, **j.details}
             if j.reason:
                 details["no_data"] = j.reason

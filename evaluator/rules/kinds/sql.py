@@ -128,6 +128,7 @@ class SqlKind:
     query text for the life of the instance (one engine): a rule judged at many slots is checked once."""
 
     timeline = "slots"
+    batched = False  # one query per rule: the engine calls it rule by rule, each within its own time budget
 
     def __init__(self) -> None:
         self._checked: dict[str, tuple[str, bool]] = {}
@@ -173,7 +174,7 @@ class SqlKind:
             x = float(raw) if isinstance(raw, int | float | Decimal) else None
             if x is None or not math.isfinite(x):
                 detail = "value is NULL" if x is None else f"value is {x}"
-                samples.append(Sample(series, ts, None, cond.threshold, None, None, None, (), detail))
+                samples.append(Sample(series, ts, None, cond.threshold, None, None, None, (), detail, "null_value"))
                 continue
             still = rule.resolve.violated(x) if rule.resolve is not None else None
             samples.append(Sample(series, ts, x, cond.threshold, cond.violated(x), still))

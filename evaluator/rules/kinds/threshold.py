@@ -90,7 +90,7 @@ def judge_runs(rule: Rule, runs: Runs, rows: Sequence[int] | npt.NDArray[np.intp
         spans = ((str(runs.trace_id[i]), str(runs.span_id[i])),)
         if not math.isfinite(x):
             out.append(Sample(series, time_us / 1e6, None, cond.threshold, None, None, span_key, spans,
-                              f"value {x} is not a number"))
+                              f"value {x} is not a number", "not_a_number"))
             continue
         still = rule.resolve.violated(x) if rule.resolve is not None else None
         out.append(Sample(series, time_us / 1e6, x, cond.threshold, cond.violated(x), still, span_key, spans,
