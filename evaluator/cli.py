@@ -198,14 +198,14 @@ def _postmortem_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from evaluator.postmortem.query import sql_command
+    from evaluator.commands.sql import sql_command
 
     configure_logging("warning")
     return sql_command(args, sys.stdin, sys.stdout, sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from evaluator.postmortem.export import export_command
+    from evaluator.commands.export import export_command
 
     configure_logging("warning")
     return export_command(args, sys.stdout, sys.stderr)
@@ -237,7 +237,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from evaluator.demo.command import run
+    from evaluator.commands.demo import run
 
     configure_logging("warning")
     return run(args, sys.stdout, sys.stderr)

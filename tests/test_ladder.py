@@ -18,8 +18,9 @@ from conftest import RunningDaemon
 from spans import request, span
 from test_rules_e2e import DAY, RULES, T0, send_days
 
+from evaluator.commands.common import PROGRESS_ENV, progress_stream
+from evaluator.commands.rules import replay
 from evaluator.daemon import Daemon
-from evaluator.rules.commands import PROGRESS_ENV, progress_stream, replay
 from evaluator.rules.engine import MemoryState, RuleEngine
 from evaluator.rules.kinds import new_kinds
 from evaluator.rules.model import RuleGroup

@@ -353,7 +353,7 @@ def test_sql_command_against_a_running_daemon_and_its_file(tmp_path: Path) -> No
 
 
 def test_table_rendering_pads_and_right_aligns_numbers() -> None:
-    from evaluator.postmortem.query import render_table
+    from evaluator.commands.sql import render_table
 
     doc = {"columns": [{"name": "name", "type": "VARCHAR"}, {"name": "n", "type": "BIGINT"},
                        {"name": "at", "type": "TIMESTAMP"}],

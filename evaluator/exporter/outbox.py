@@ -23,23 +23,19 @@ import duckdb
 import structlog
 
 from evaluator.clock import Clock
+from evaluator.store.outbox import enqueue
 from evaluator.telemetry import Telemetry
 from evaluator.worker import PeriodicWorker
 
-if TYPE_CHECKING:  # the rule engine imports `enqueue` without needing the transports
+if TYPE_CHECKING:
     from evaluator.exporter.transport import SendResult, Transport
 
 TRACES = "traces"
+__all__ = ["TRACES", "OutboxSender", "enqueue"]  # enqueue: the store's, re-exported for the exporter's users
 
 
 def _dt(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC).replace(tzinfo=None)
-
-
-def enqueue(cur: duckdb.DuckDBPyConnection, destination: str, payload: bytes, items: int, now: float) -> None:
-    """Add a request to the outbox within the caller's transaction."""
-    cur.execute("INSERT INTO outbox (created_at, destination, payload, items, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
-                [_dt(now), destination, payload, items, _dt(now)])
 
 
 class OutboxSender(PeriodicWorker):

@@ -34,7 +34,6 @@ from typing import Any, Protocol, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from evaluator.store.schema import PUBLIC_TABLES
 from evaluator.store.store import Store
 
 SPAN_TABLES = ("spans", "span_numbers", "span_strings", "span_arrays")
@@ -289,61 +288,3 @@ def _export_table(source: Source, out_dir: str, table: str, where: list[str], ch
     progress.update(table, done, total, final=True)
     return TableResult(table, name, done, columns, os.path.getsize(path), time.monotonic() - start,
                        " AND ".join(where) or None)
-
-
-def export_command(args: Any, stdout: TextIO, stderr: TextIO) -> int:
-    """Exit 0 ok, 1 the export failed, 2 no daemon and no readable file, or bad usage."""
-    from evaluator.admin.client import AdminClient, AdminError, AdminUnavailable, ask_daemon, open_file_store
-    from evaluator.rules.commands import parse_time, progress_stream
-    from evaluator.store.store import StoreError
-
-    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else list(PUBLIC_TABLES)
-    unknown = [t for t in tables if t not in PUBLIC_TABLES]
-    if unknown or not tables:
-        print(f"otel-evaluator: --tables: unknown table(s) {', '.join(unknown) or '(none given)'}; the public "
-              f"tables are {', '.join(PUBLIC_TABLES)}", file=stderr)
-        return 2
-    if args.chunk_rows < 1 or args.chunk_rows > ONE_KEY_MAX_ROWS:
-        print(f"otel-evaluator: --chunk-rows must be between 1 and {ONE_KEY_MAX_ROWS}", file=stderr)
-        return 2
-    since = None
-    if args.since:
-        try:
-            since = parse_time(args.since)
-        except ValueError as exc:
-            print(f"otel-evaluator: --since: {exc}", file=stderr)
-            return 2
-    progress = Progress(progress_stream(stderr))
-    source: Source
-    file_source: FileSource | None = None
-    def daemon_source(client: AdminClient) -> DaemonSource:
-        client.request("GET", "/healthz")  # is a daemon there?
-        return DaemonSource(client)
-
-    try:
-        daemon = ask_daemon(args, daemon_source)
-    except (AdminError, ValueError) as exc:
-        print(f"otel-evaluator: {exc}", file=stderr)
-        return 2
-    if daemon is not None:
-        source = daemon
-    else:
-        try:
-            file_source = FileSource(open_file_store(args))
-        except StoreError as exc:
-            print(f"otel-evaluator: {exc}", file=stderr)
-            return 2
-        source = file_source
-    try:
-        export(source, args.to, tables, since, args.chunk_rows, stdout, progress)
-    except (ExportError, OSError) as exc:
-        print(f"\notel-evaluator: export failed: {exc}", file=stderr)
-        return 1
-    except AdminUnavailable as exc:
-        print(f"\notel-evaluator: export failed: the daemon went away: {exc}", file=stderr)
-        return 1
-    finally:
-        if file_source is not None:
-            file_source.close()
-    return 0
-
