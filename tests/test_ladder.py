@@ -49,7 +49,7 @@ def test_ladder_names_freshness_first_from_the_daemon_and_from_the_file_and_by_s
                           "distribution": ("firing", "partner-integration"), "prediction_quality": ("unchecked", None)}
         with urllib.request.urlopen(admin + "/alerts", timeout=5) as resp:
             alerts = json.loads(resp.read())
-        assert sorted(a["alert"] for a in alerts) == ["PaymentsAmountMedian", "PaymentsAmountPSI",
+        assert sorted(a["alert_name"] for a in alerts) == ["PaymentsAmountMedian", "PaymentsAmountPSI",
                                                       "PaymentsFreshnessLag", "PaymentsRowCount"]
         live = subprocess.run([sys.executable, "-m", "evaluator", "ladder", "--admin", admin],
                               capture_output=True, text=True, timeout=60)

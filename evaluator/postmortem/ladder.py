@@ -326,20 +326,25 @@ def _iso(us: int | None) -> str | None:
 
 
 _QUERY = """
-SELECT s.rule_id, s.series::VARCHAR, s.state, s.value, epoch_us(coalesce(s.fired_at, s.active_at)),
-       m.rung, m.owner, m.alert_name, m.summary
+SELECT s.rule_id, s.series::VARCHAR, s.state, s.value, s.threshold::VARCHAR, s.detail, epoch_us(s.active_at),
+       epoch_us(s.fired_at), s.consecutive_violations, epoch_us(s.last_run_at),
+       m.alert_name, m.group_name, m.kind, m.rung, m.owner, m.severity, m.summary
 FROM alert_state s
-JOIN (SELECT rule_id, rung, owner, alert_name, summary,
+JOIN (SELECT rule_id, alert_name, group_name, kind, rung, owner, severity, summary,
              row_number() OVER (PARTITION BY rule_id, series::VARCHAR ORDER BY seq DESC) AS n, series::VARCHAR AS sk
       FROM alerts) m ON m.rule_id = s.rule_id AND m.sk = s.series::VARCHAR AND m.n = 1
 """
 
 
 def current_alerts(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    """Pending and firing alerts now, with their rung and owner (admin /alerts)."""
+    """Pending and firing alerts now (admin /alerts), in the state shape of `eval` (the alert_state table's names,
+    docs/rules.md), with the summary of their latest transition."""
     rows = cur.execute(_QUERY + " WHERE s.state IN ('pending', 'firing') ORDER BY s.rule_id, s.series").fetchall()
-    return [{"rule_id": r[0], "series": json.loads(r[1]), "state": r[2], "value": r[3], "since": _iso(r[4]),
-             "rung": r[5], "owner": r[6], "alert": r[7], "summary": r[8]} for r in rows]
+    return [{"rule_id": r[0], "alert_name": r[10], "group_name": r[11], "kind": r[12], "rung": r[13],
+             "owner": r[14], "severity": r[15], "series": json.loads(r[1]), "state": r[2], "value": r[3],
+             "threshold": json.loads(r[4]) if r[4] is not None else None, "detail": r[5], "active_at": _iso(r[6]),
+             "fired_at": _iso(r[7]), "consecutive_violations": r[8], "last_run_at": _iso(r[9]), "summary": r[16]}
+            for r in rows]
 
 
 # -- the table ----------------------------------------------------------------------------------------------------
