@@ -189,7 +189,7 @@ def test_duplicate_group_names_across_files(tmp_path: Path) -> None:
 
 
 def test_series_notation() -> None:
-    from evaluator.rules.ruletest import expand_series
+    from evaluator.commands.ruletest import expand_series
 
     assert expand_series("10000000 10100000 _ 9900000x3 9000000+100000x4") == [
         10_000_000, 10_100_000, None, 9_900_000, 9_900_000, 9_900_000, 9_000_000, 9_100_000, 9_200_000, 9_300_000]

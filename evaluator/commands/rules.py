@@ -190,7 +190,7 @@ def replay(db: str, rules: list[str], start: float, end: float, step: str | None
 
 def run_tests(paths: list[str], out: TextIO, err: TextIO) -> int:
     """`otel-evaluator test`: exit 0 all passed, 1 a test failed or a file is invalid."""
-    from evaluator.rules.ruletest import parse_test_file, run_test
+    from evaluator.commands.ruletest import parse_test_file, run_test
 
     failed = passed = 0
     for path in paths:
