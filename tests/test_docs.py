@@ -77,6 +77,7 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
         if probe.connect_ex(("127.0.0.1", 13133)) == 0:
             pytest.skip("something listens on the default admin port: the demo would use it")
     demo, ladder, sql, demo_live, ladder_live = _five_minutes()
+    (tmp_path / "rules").symlink_to(ROOT / "rules")  # the README's commands run in the checkout
     run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
     assert demo[3:] == ["demo", "--keep", "demo"]
