@@ -91,3 +91,16 @@ def test_series_that_cannot_be_judged_are_counted_per_rule_and_reason(store: Sto
     states = {dict(s.series)["dataset"]: s.state for s in memory.states(group.rules[0]).values()}
     assert states == {"a": "firing", "b": "nodata"}
     assert tel.get("rule_series_nodata_total").value(rule_id="g/Mixed", reason="null_value") == 2
+
+
+def test_a_resolve_judged_with_later_slots_in_one_evaluation_is_sent(store: Store) -> None:
+    """After a gap, one evaluation judges several slots: the alert resolves and goes inactive within it. The
+    resolve of an alert that was sent firing is sent too (not recorded as inhibited)."""
+    query = ("SELECT CASE WHEN $ts < make_timestamp(1800000030000000) THEN 5.0 ELSE 0.0 END AS value")
+    group = RuleGroup("g", 60.0, (_sql("Flip", query),))
+    engine = RuleEngine(store.cursor, new_kinds(), MemoryState())
+    engine.load(RuleSet((group,)))
+    (fired,) = engine.evaluate_group(group, [TS])
+    assert (fired.transition.to_state, fired.inhibited) == ("firing", False)
+    (resolved,) = engine.evaluate_group(group, [TS + 180])  # slots TS+60 (resolved), +120, +180 (inactive)
+    assert (resolved.transition.to_state, resolved.transition.at, resolved.inhibited) == ("resolved", TS + 60, False)

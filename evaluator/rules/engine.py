@@ -365,6 +365,9 @@ class RuleEngine:
             for key in by_series:
                 states[rule.id].setdefault(key, SeriesState(series=key))
         events: list[AlertEvent] = []
+        # who has been told: whether each series' firing episode was sent; kept apart from the fold, which may
+        # resolve and clear a series within one step before the step's events are looked at
+        told = {(r.id, k): s.announced for r in ok for k, s in prior[r.id].states.items()}
         for i, t in enumerate(times):
             last = i == len(times) - 1
             step_events: list[AlertEvent] = []
@@ -392,7 +395,7 @@ class RuleEngine:
                         advance(step, rule, t)
                         states[rule.id][key] = step.state
                         step_events.extend(self._event(rule, tr) for tr in step.transitions)
-            events.extend(self._inhibit(group, ok, states, step_events, t))
+            events.extend(self._inhibit(group, ok, states, step_events, t, told))
         statuses: list[RuleStatus] = []
         records: list[Record] = []
         for rule in rules:
@@ -420,7 +423,7 @@ class RuleEngine:
         return AlertEvent(rule, t, summary, annotations)
 
     def _inhibit(self, group: RuleGroup, rules: list[Rule], states: dict[str, dict[SeriesKey, SeriesState]],
-                 events: list[AlertEvent], t: float) -> list[AlertEvent]:
+                 events: list[AlertEvent], t: float, told: dict[tuple[str, SeriesKey], bool]) -> list[AlertEvent]:
         """Ladder inhibition after one step, and who has been told: a firing sent marks its series announced, a
         resolve of a series never announced is recorded but not sent, and an announced-nothing series still firing
         once nothing above it fires is sent now (a release)."""
@@ -442,25 +445,28 @@ class RuleEngine:
         out: list[AlertEvent] = []
         for ev in events:
             rule, tr = ev.rule, ev.transition
-            st = states[rule.id][tr.series]
+            told_key = (rule.id, tr.series)
             blocked = inhibited(rule, tr.series)
-            if tr.to_state == RESOLVED and not st.announced and tr.from_state == FIRING:
+            if tr.to_state == RESOLVED and tr.from_state == FIRING and not told.get(told_key, False):
                 blocked = True  # never sent as firing: its resolve is not sent either
             if tr.to_state == FIRING and not blocked:
-                states[rule.id][tr.series] = replace(st, announced=True)
-            elif tr.to_state == RESOLVED:
-                states[rule.id][tr.series] = replace(st, announced=False)
+                told[told_key] = True
+            elif tr.to_state == RESOLVED or (tr.from_state != FIRING and tr.to_state != FIRING):
+                told[told_key] = False
             out.append(replace(ev, inhibited=blocked) if blocked else ev)
         for rule_id, series_states in states.items():
             rule = by_id[rule_id]
             for key, s in series_states.items():
-                if s.state == FIRING and not s.announced and not inhibited(rule, key):
+                announced = told.get((rule_id, key), False) if s.state == FIRING else False
+                if s.state == FIRING and not announced and not inhibited(rule, key):
                     release = Transition(rule.id, key, t, FIRING, FIRING, s.value, s.threshold, s.consecutive,
                                          s.last_run_at, s.violating_spans,
                                          (s.detail + "; " if s.detail else "") + "sent now: nothing above it fires",
                                          t, s.active_at)
                     out.append(self._event(rule, release))
-                    series_states[key] = replace(s, announced=True)
+                    announced = told[(rule_id, key)] = True
+                if s.announced != announced:
+                    series_states[key] = replace(s, announced=announced)
         return out
 
     def _after(self, group: RuleGroup, statuses: list[RuleStatus], events: list[AlertEvent]) -> None:
