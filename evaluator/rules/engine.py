@@ -41,7 +41,7 @@ from evaluator.rules.backends import (
     RuleStatus,
     StateBackend,
 )
-from evaluator.rules.budget import BudgetCursor
+from evaluator.rules.budget import BudgetCursor, Deadlines
 from evaluator.rules.model import (
     FIRING,
     NODATA,
@@ -134,6 +134,7 @@ class RuleEngine:
         self._default_budget = default_budget
         self._group_deadline = group_deadline  # the daemon: a group's evaluation ends within its interval
         self._deadline: float | None = None
+        self._deadlines = Deadlines()
         self._health: dict[str, str | None] = {}
         self._health_lock = threading.Lock()
         self._group_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -324,7 +325,7 @@ class RuleEngine:
                 return {r.id: RuleError(why) for r in rules}
             seconds = left if seconds is None else min(seconds, left)
         k0 = time.perf_counter()
-        with BudgetCursor(cur, seconds) as bounded:
+        with BudgetCursor(cur, seconds, self._deadlines) as bounded:
             try:
                 raw = kind.evaluate(rules, ts, bounded, priors)  # type: ignore[arg-type]
             except (duckdb.Error, RuleError, ValueError, TypeError) as exc:

@@ -52,6 +52,9 @@ HEALTH_SCHEMA = pa.schema([
     ("health", pa.string()), ("last_error", pa.string()), ("last_eval_at", _TS),
     ("last_duration_seconds", pa.float64()),
 ])
+PROGRESS_SCHEMA = pa.schema([
+    ("rule_id", pa.string()), ("fingerprint", pa.string()), ("judged_to", _TS), ("seen_key", pa.int64()),
+])
 RECORD_TABLES = ("quality_values", "frozen_baselines")
 
 
@@ -105,9 +108,12 @@ def write_evaluation(cur: duckdb.DuckDBPyConnection, rows: EvaluationRows) -> No
             _register(cur, "health_rows", rows.health, HEALTH_SCHEMA)
             cur.execute("INSERT OR REPLACE INTO rule_health SELECT * FROM health_rows")
             cur.unregister("health_rows")
-        for rule_id, fingerprint, judged_to, seen_key in rows.progress:
-            cur.execute("INSERT OR REPLACE INTO rule_progress VALUES (?, ?, ?, ?)",
-                        [rule_id, fingerprint, to_dt(judged_to), seen_key])
+        if rows.progress:
+            _register(cur, "progress_rows", [
+                {"rule_id": r, "fingerprint": f, "judged_to": to_dt(t), "seen_key": k} for r, f, t, k in rows.progress],
+                PROGRESS_SCHEMA)
+            cur.execute("INSERT OR REPLACE INTO rule_progress SELECT * FROM progress_rows")
+            cur.unregister("progress_rows")
         for table, row in rows.records:
             _insert_record(cur, table, row)
         cur.execute("COMMIT")
