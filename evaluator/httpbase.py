@@ -76,6 +76,11 @@ class Request:
         before reading; for chunked bodies, before each chunk is read). Raises BodyTooLarge, BadRequest."""
         return self._handler.read_body(limit)
 
+    @property
+    def client_host(self) -> str:
+        """The client's address without its port (for telling clients apart)."""
+        return str(self._handler.client_address[0])
+
 
 @dataclass
 class Response:

@@ -1,9 +1,10 @@
 """The one place that maps ingest failures to wire answers (gRPC status codes and HTTP statuses).
 
-Retryable failures (overload, shutting down, a failed commit) become UNAVAILABLE / 503 with a retry delay:
-collectors and SDKs retry those. RESOURCE_EXHAUSTED is used only for a request that is too large, or that ran
-the decoder out of memory, which is permanent for that request: collectors drop RESOURCE_EXHAUSTED without
-RetryInfo, which is what we want there (retrying the same bytes would fail the same way).
+Retryable failures (overload, a client over its share of the budget, shutting down, a failed commit) become
+UNAVAILABLE / 503 with a retry delay: collectors and SDKs retry those. RESOURCE_EXHAUSTED is used only for a
+request that is too large, or that ran the decoder out of memory, which is permanent for that request:
+collectors drop RESOURCE_EXHAUSTED without RetryInfo, which is what we want there (retrying the same bytes would
+fail the same way).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import grpc
 class Refusal(enum.Enum):
     # value: (metric reason, gRPC code, HTTP status, retryable)
     OVERLOADED = ("overloaded", grpc.StatusCode.UNAVAILABLE, 503, True)
+    # The client already holds its share of the in-flight budget while other clients are sending (fairness.py).
+    OVER_CLIENT_SHARE = ("over_client_share", grpc.StatusCode.UNAVAILABLE, 503, True)
     SHUTTING_DOWN = ("shutting_down", grpc.StatusCode.UNAVAILABLE, 503, True)
     STORE_FAILED = ("store_failed", grpc.StatusCode.UNAVAILABLE, 503, True)
     TOO_LARGE = ("too_large", grpc.StatusCode.RESOURCE_EXHAUSTED, 413, False)

@@ -21,8 +21,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from evaluator.receiver.errors import Refused
+from evaluator.receiver.fairness import client_key, grpc_peer_host
 from evaluator.receiver.ingest import Ingestor
-from evaluator.security.auth import Authenticator, GrpcAuthInterceptor
+from evaluator.security.auth import Authenticator, GrpcAuthInterceptor, bearer_token
 from evaluator.security.tls import GrpcTls, TlsSettings
 
 TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
@@ -79,6 +80,8 @@ class GrpcReceiver:
         self._ingestor = ingestor
         self.settings = settings
         self._auth = auth
+        # Each Export holds a worker thread until its commit: clients share the threads as they share the budget.
+        ingestor.budget.set_handlers("grpc", settings.max_workers)
         self._log = log or structlog.get_logger("grpc")
         self.tls = GrpcTls(settings.tls, log=self._log) if settings.tls is not None else None
         self._server: grpc.Server | None = None
@@ -86,9 +89,22 @@ class GrpcReceiver:
         self._lock = threading.Lock()
         self.port: int | None = None
 
+    def _client(self, context: grpc.ServicerContext) -> str:
+        """Who sent the call, for the per-client share of the budget: the client header, else the (checked)
+        token, else the peer's address."""
+        header = self._ingestor.settings.fairness.client_header
+        named: str | None = None
+        authorization: str | None = None
+        for key, value in context.invocation_metadata() or ():
+            if key == header:
+                named = value if isinstance(value, str) else value.decode("utf-8", "replace")
+            elif key == "authorization" and self._auth is not None and isinstance(value, str):
+                authorization = value
+        return client_key(named, bearer_token(authorization), grpc_peer_host(context.peer()))
+
     def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            result = self._ingestor.export_protobuf(request, "grpc")
+            result = self._ingestor.export_protobuf(request, "grpc", self._client(context))
         except Refused as refused:
             context.abort_with_status(refused_status(refused))
             raise AssertionError("abort_with_status returned") from None  # pragma: no cover

@@ -19,9 +19,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from evaluator.httpbase import BodyTooLarge, HttpServer, Request, Response
 from evaluator.receiver.decode import DecodeError
 from evaluator.receiver.errors import Refusal, Refused
+from evaluator.receiver.fairness import client_key
 from evaluator.receiver.ingest import Ingestor
 from evaluator.receiver.otlp_json import parse_json_request
-from evaluator.security.auth import Authenticator
+from evaluator.security.auth import Authenticator, bearer_token
 from evaluator.security.tls import TlsSettings
 from evaluator.telemetry import Telemetry
 
@@ -79,6 +80,7 @@ class HttpReceiver:
                                  max_connections=settings.max_connections, log=log, tls=settings.tls, auth=auth,
                                  unauthorized=_unauthorized, rejected=self._bad_framing, telemetry=telemetry,
                                  label="http")
+        self._auth = auth
 
     @property
     def port(self) -> int | None:
@@ -123,9 +125,9 @@ class HttpReceiver:
                 except MemoryError:
                     raise self._ingestor.refuse(Refusal.OUT_OF_MEMORY, f"not enough memory to parse this request "
                                                 f"({len(body)} bytes); send smaller requests", "http") from None
-                result = self._ingestor.export_message(message, len(body), "http")
+                result = self._ingestor.export_message(message, len(body), "http", self._client(request))
             else:
-                result = self._ingestor.export_protobuf(body, "http")
+                result = self._ingestor.export_protobuf(body, "http", self._client(request))
         except Refused as refused:
             headers = {}
             if refused.retry_after is not None:
@@ -139,6 +141,14 @@ class HttpReceiver:
         if as_json:
             return Response(200, json_format.MessageToJson(response, indent=None).encode(), JSON)
         return Response(200, response.SerializeToString(), PROTOBUF)
+
+    def _client(self, request: Request) -> str:
+        """Who sent the request, for the per-client share of the budget: the client header, else the (checked)
+        token, else the address."""
+        header = self._ingestor.settings.fairness.client_header
+        named = request.headers.get(header) if header else None
+        bearer = bearer_token(request.headers.get("Authorization")) if self._auth is not None else None
+        return client_key(named, bearer, request.client_host)
 
     def _bad_framing(self, request: Request, status: int, message: str) -> Response:
         """A request whose HTTP framing is wrong (httpbase): counted as refused, answered with a google.rpc.Status

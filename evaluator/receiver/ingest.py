@@ -6,7 +6,6 @@ decides what happens to a request is here, so both transports behave the same an
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from evaluator.clock import Clock
 from evaluator.receiver.columns import Decoded
 from evaluator.receiver.decode import DecodeError
 from evaluator.receiver.errors import Refusal, Refused
+from evaluator.receiver.fairness import Admission, Admitted, FairnessSettings
 from evaluator.receiver.fastdecode import decode_bytes, decode_message
 from evaluator.receiver.limits import SpanLimits, apply_limits
 from evaluator.store.writer import SpanWriter, WriterClosed
@@ -32,38 +32,13 @@ class IngestSettings:
     retry_after_seconds: float = 1.0
     commit_timeout_seconds: float = 30.0
     limits: SpanLimits = field(default_factory=SpanLimits)  # per span: attributes, value lengths
+    fairness: FairnessSettings = field(default_factory=FairnessSettings)  # per-client shares of inflight_bytes
 
 
 @dataclass(frozen=True)
 class IngestResult:
     rejected: int
     message: str  # empty on full success (partial_success stays unset)
-
-
-class ByteBudget:
-    """Bounds the bytes of requests between admission and commit. A request larger than the whole budget is
-    admitted only when nothing else is in flight, so a big (but allowed) request still gets through."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._used = 0
-        self._lock = threading.Lock()
-
-    def try_acquire(self, n: int) -> bool:
-        with self._lock:
-            if self._used and self._used + n > self.limit:
-                return False
-            self._used += n
-            return True
-
-    def release(self, n: int) -> None:
-        with self._lock:
-            self._used -= n
-
-    @property
-    def used(self) -> int:
-        with self._lock:
-            return self._used
 
 
 class Ingestor:
@@ -79,7 +54,7 @@ class Ingestor:
         self._clock = clock
         self.settings = settings
         self._log = log or structlog.get_logger("ingest")
-        self.budget = ByteBudget(settings.inflight_bytes)
+        self.budget = Admission(settings.inflight_bytes, settings.fairness)
         self._received = telemetry.counter("spans_received_total", "Spans in accepted requests.", ("transport",))
         self._dropped = telemetry.counter(
             "spans_dropped_total", "Spans not stored because they carry no signal attribute.", ("reason",))
@@ -99,19 +74,23 @@ class Ingestor:
             ("transport", "reason"))
         inflight = telemetry.gauge("inflight_bytes", "Request bytes admitted and not yet committed.")
         telemetry.add_collector(lambda: inflight.set(self.budget.used))
+        clients = telemetry.gauge("receiver_clients_active", "Clients that sent within receivers.fairness."
+                                  "client_idle or hold request bytes; the in-flight budget is shared among them.")
+        telemetry.add_collector(lambda: clients.set(self.budget.active_clients(self._clock.now())))
 
     # -- entry points ----------------------------------------------------------------------------------------
-    def export_protobuf(self, data: bytes, transport: str) -> IngestResult:
-        """A serialized ExportTraceServiceRequest (already decompressed)."""
+    def export_protobuf(self, data: bytes, transport: str, client: str = "") -> IngestResult:
+        """A serialized ExportTraceServiceRequest (already decompressed). client: who sent it (fairness.client_key)."""
         self._check_size(len(data), transport)
-        return self._admitted(len(data), transport, lambda: decode_bytes(data, self.settings.keep_prefixes),
+        return self._admitted(len(data), transport, client, lambda: decode_bytes(data, self.settings.keep_prefixes),
                               lambda: ExportTraceServiceRequest.FromString(data))
 
-    def export_message(self, request: ExportTraceServiceRequest, size: int, transport: str) -> IngestResult:
+    def export_message(self, request: ExportTraceServiceRequest, size: int, transport: str,
+                       client: str = "") -> IngestResult:
         """An already parsed request (the OTLP/JSON path); size is the body size for the byte budget."""
         self._check_size(size, transport)
-        return self._admitted(size, transport, lambda: decode_message(request, self.settings.keep_prefixes),
-                              lambda: request)
+        return self._admitted(size, transport, client,
+                              lambda: decode_message(request, self.settings.keep_prefixes), lambda: request)
 
     def refuse(self, kind: Refusal, message: str, transport: str) -> Refused:
         """Count a refusal decided by a transport (e.g. an unsupported content type) and return it to raise."""
@@ -135,14 +114,11 @@ class Ingestor:
             raise self.refuse(Refusal.TOO_LARGE, f"request is {size} bytes, over the limit of {limit} bytes",
                               transport)
 
-    def _admitted(self, size: int, transport: str, decode: Callable[[], Decoded],
+    def _admitted(self, size: int, transport: str, client: str, decode: Callable[[], Decoded],
                   wire: Callable[[], ExportTraceServiceRequest]) -> IngestResult:
-        if not self.budget.try_acquire(size):
-            raise self.refuse(
-                Refusal.OVERLOADED,
-                f"overloaded: {self.budget.used} request bytes in flight (limit {self.budget.limit}); retry later",
-                transport,
-            )
+        admitted = self.budget.admit(client, size, self._clock.now(), transport)
+        if not isinstance(admitted, Admitted):
+            raise self.refuse(admitted.kind, admitted.message, transport)
         try:
             try:
                 result: Decoded = self._limit(decode(), wire)
@@ -155,7 +131,8 @@ class Ingestor:
             if len(result.columns):
                 columns = result.columns
                 try:
-                    future = self._writer.submit(columns, int(self._clock.now() * 1_000_000))
+                    future = self._writer.submit(columns, int(self._clock.now() * 1_000_000),
+                                                 client if self.settings.fairness.enabled else "")
                     future.result(timeout=self.settings.commit_timeout_seconds)
                 except WriterClosed:
                     self._refused_spans.inc(result.received, transport=transport, reason="shutting_down")
@@ -170,7 +147,7 @@ class Ingestor:
                     raise self.refuse(Refusal.STORE_FAILED, f"the store could not commit: {exc}; retry later",
                                       transport) from None
         finally:
-            self.budget.release(size)
+            self.budget.release_client(admitted, self._clock.now())
         self._received.inc(result.received, transport=transport)
         if result.dropped:
             self._dropped.inc(result.dropped, reason="no_signal_attribute")
