@@ -20,6 +20,7 @@ from evaluator.exporter.alertmanager import AlertmanagerSettings
 from evaluator.exporter.otlp_config import COMPRESSIONS, PROTOCOLS, OtlpExporterConfig
 from evaluator.httpbase import split_hostport
 from evaluator.log import LEVELS
+from evaluator.receiver.fairness import FairnessSettings
 from evaluator.receiver.grpc_server import GrpcSettings
 from evaluator.receiver.http_server import HttpSettings
 from evaluator.receiver.ingest import IngestSettings
@@ -27,6 +28,7 @@ from evaluator.receiver.limits import ACTIONS as LIMIT_ACTIONS
 from evaluator.receiver.limits import SpanLimits
 from evaluator.security.auth import AuthSettings
 from evaluator.security.config import read_auth, read_tls
+from evaluator.selfmon import SelfMonitoringSettings
 from evaluator.store.retention import RetentionSettings
 from evaluator.store.store import StoreSettings
 from evaluator.yamlsrc import (
@@ -80,6 +82,7 @@ class Config:
     exporter: OtlpExporterConfig = field(default_factory=OtlpExporterConfig)  # OTEL_EXPORTER_OTLP_* override it
     alertmanager: AlertmanagerSettings = field(default_factory=AlertmanagerSettings)
     auth: AuthSettings | None = None  # bearer tokens required on all three servers (probes excepted)
+    self_monitoring: SelfMonitoringSettings = field(default_factory=SelfMonitoringSettings)  # evaluator/selfmon.py
     source: str = "(embedded defaults)"
 
 
@@ -151,6 +154,44 @@ def _read_limits(node: Node, base: SpanLimits, problems: Problems) -> SpanLimits
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
+_CLIENT_HEADER_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_RESERVED_HEADERS = {"authorization", "content-type", "content-length", "content-encoding", "host", "te",
+                     "user-agent", "transfer-encoding"}
+
+
+def _read_fairness(node: Node, base: FairnessSettings, problems: Problems) -> FairnessSettings:
+    """receivers.fairness: the per-client shares of the in-flight budget (evaluator/receiver/fairness.py)."""
+    check_keys(node, {"enabled", "client_header", "min_client_share", "client_idle"}, problems, "receivers.fairness")
+    changes: dict[str, Any] = {}
+    enabled = read_bool(node.get("enabled"), "receivers.fairness.enabled", problems)
+    if enabled is not None:
+        changes["enabled"] = enabled
+    header_node = node.get("client_header")
+    if header_node is not None and (header_node.value is None or header_node.value is False):
+        changes["client_header"] = None  # off: identify clients by token, else address
+    elif header_node is not None:
+        key = "receivers.fairness.client_header"
+        header = read_str(header_node, key, problems)
+        name = header.strip().lower() if header is not None else None
+        if name is not None and (not _CLIENT_HEADER_RE.match(name) or name.endswith("-bin")
+                                 or name.startswith("grpc-") or name in _RESERVED_HEADERS):
+            problems.add(header_node, key, "must be a header name of letters, digits, '-', '_' or '.', not ending "
+                         "in -bin, not starting with grpc- and not a standard header (e.g. otel-evaluator-client)")
+        elif name is not None:
+            changes["client_header"] = name
+    share = _read_size(node.get("min_client_share"), "receivers.fairness.min_client_share", problems)
+    if share is not None and share < 1:
+        problems.add(node.get("min_client_share"), "receivers.fairness.min_client_share", "must be above 0")
+    elif share is not None:
+        changes["min_share_bytes"] = share
+    idle = read_duration(node.get("client_idle"), "receivers.fairness.client_idle", problems)
+    if idle is not None and idle <= 0:
+        problems.add(node.get("client_idle"), "receivers.fairness.client_idle", "must be above 0")
+    elif idle is not None:
+        changes["idle_seconds"] = idle
+    return replace(base, **changes)
+
+
 def _read_external_url(node: Node | None, problems: Problems) -> str | None:
     """admin.external_url: an http(s) URL with a host and no query or fragment, without its trailing "/";
     null (or absent) derives it from admin.listen (admin_external_url)."""
@@ -168,6 +209,29 @@ def _read_external_url(node: Node | None, problems: Problems) -> str | None:
         problems.add(node, key, "must not have a query (?...) or fragment (#...): alert links add their own")
         return None
     return url.strip().rstrip("/")
+
+
+def _read_self_monitoring(node: Node, base: SelfMonitoringSettings, problems: Problems) -> SelfMonitoringSettings:
+    """self_monitoring: the daemon's own alerts (evaluator/selfmon.py)."""
+    where = "self_monitoring"
+    check_keys(node, {"enabled", "interval", "owner", "severity", "outbox_max_age", "watchdog", "watchdog_severity"},
+               problems, where)
+    changes: dict[str, Any] = {"source": f"{node.file}:{node.line}"}
+    for key, attr in (("enabled", "enabled"), ("watchdog", "watchdog")):
+        changes[attr] = read_bool(node.get(key), f"{where}.{key}", problems)
+    for key, attr in (("interval", "interval_seconds"), ("outbox_max_age", "outbox_max_age_seconds")):
+        seconds = read_duration(node.get(key), f"{where}.{key}", problems)
+        if seconds is not None and seconds <= 0:
+            problems.add(node.get(key), f"{where}.{key}", "must be above 0")
+            seconds = None
+        changes[attr] = seconds
+    for key in ("owner", "severity", "watchdog_severity"):
+        text = read_str(node.get(key), f"{where}.{key}", problems)
+        if text is not None and not text.strip():
+            problems.add(node.get(key), f"{where}.{key}", "must not be empty")
+            text = None
+        changes[key] = text
+    return _set(base, **changes)
 
 
 def admin_external_url(admin: AdminSettings, port: int | None = None, hostname: str | None = None) -> str:
@@ -200,7 +264,7 @@ def config_from_node(root: Node, problems: Problems) -> Config:
         problems.add(root, "", "the config file must be a mapping")
         return cfg
     check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace", "rules", "exporter", "alertmanager",
-                      "auth"}, problems, "")
+                      "auth", "self_monitoring"}, problems, "")
     config_dir = os.path.dirname(os.path.abspath(root.file))  # TLS and token files are relative to it
     cfg = replace(cfg, auth=read_auth(root.get("auth"), problems, base=config_dir))
     am = read_map(root.get("alertmanager"), "alertmanager", problems)
@@ -283,7 +347,7 @@ def config_from_node(root: Node, problems: Problems) -> Config:
     rec = read_map(root.get("receivers"), "receivers", problems)
     if rec is not None:
         check_keys(rec, {"keep_prefixes", "keep_all_spans", "max_request_size", "inflight_bytes", "retry_after",
-                         "grpc", "http", "limits"}, problems, "receivers")
+                         "grpc", "http", "limits", "fairness"}, problems, "receivers")
         prefixes = read_str_list(rec.get("keep_prefixes"), "receivers.keep_prefixes", problems)
         if prefixes is not None and not prefixes:
             problems.add(rec.get("keep_prefixes"), "receivers.keep_prefixes",
@@ -302,6 +366,12 @@ def config_from_node(root: Node, problems: Problems) -> Config:
         limits = read_map(rec.get("limits"), "receivers.limits", problems)
         if limits is not None:
             ingest = replace(ingest, limits=_read_limits(limits, ingest.limits, problems))
+        fairness = read_map(rec.get("fairness"), "receivers.fairness", problems)
+        if fairness is not None:
+            ingest = replace(ingest, fairness=_read_fairness(fairness, ingest.fairness, problems))
+            if ingest.fairness.min_share_bytes > ingest.inflight_bytes:
+                problems.add(fairness.get("min_client_share") or fairness, "receivers.fairness.min_client_share",
+                             f"must not exceed receivers.inflight_bytes ({ingest.inflight_bytes} bytes)")
         cfg = replace(cfg, ingest=ingest)
 
         grpc_node = read_map(rec.get("grpc"), "receivers.grpc", problems)
@@ -363,6 +433,10 @@ def config_from_node(root: Node, problems: Problems) -> Config:
             problems.add(log.get("format"), "log.format", "must be auto, json or console")
             fmt = None
         cfg = replace(cfg, log_level=level or cfg.log_level, log_format=fmt or cfg.log_format)
+
+    self_monitoring = read_map(root.get("self_monitoring"), "self_monitoring", problems)
+    if self_monitoring is not None:
+        cfg = replace(cfg, self_monitoring=_read_self_monitoring(self_monitoring, cfg.self_monitoring, problems))
 
     grace = read_duration(root.get("shutdown_grace"), "shutdown_grace", problems)
     if grace is not None:

@@ -35,16 +35,19 @@ from evaluator.receiver.ingest import Ingestor
 from evaluator.rules.backends import DuckDBState, OutboxEncoder
 from evaluator.rules.engine import DEFAULT_MAX_CATCH_UP, RuleEngine
 from evaluator.rules.kinds import new_kinds
+from evaluator.rules.kinds.selfcheck import SELF_KIND, Probes, RetentionView, SelfCheckKind
 from evaluator.rules.loader import load_rules
 from evaluator.rules.model import RuleSet
 from evaluator.rules.reach import cut_short, describe_range, kept_ranges, retention_problems
-from evaluator.rules.scheduler import GroupScheduler
+from evaluator.rules.scheduler import DEFAULT_EVALUATION_DELAY, GroupScheduler
 from evaluator.security.auth import Authenticator, TokenError
+from evaluator.selfmon import ladder_rules, self_group, with_self_group
 from evaluator.store.checkpointer import Checkpointer
 from evaluator.store.retention import DAY, RetentionWorker, store_free_bytes
 from evaluator.store.store import Store
 from evaluator.store.writer import SpanWriter
 from evaluator.telemetry import Telemetry
+from evaluator.worker import PeriodicWorker, WorkerStatus
 from evaluator.yamlsrc import InvalidConfig, Problem
 
 
@@ -93,7 +96,7 @@ class Daemon:
         self.admin = AdminServer(config.admin, self.telemetry, self._not_ready_reason,
                                  log=self.log.bind(component="admin"), cursor_factory=self.store.cursor,
                                  auth=self.auth, evaluate=self.evaluate_now,
-                                 rules=lambda: self.engine.ruleset.rules())
+                                 rules=lambda: ladder_rules(self.engine.ruleset.rules()))
         environ = os.environ if env is None else env
         try:
             traces = from_env(environ, "traces", base=config.exporter)
@@ -133,7 +136,15 @@ class Daemon:
                                        log=self.log.bind(component="outbox"))
             state = DuckDBState(self.store.cursor, encoders, self.outbox.wake)
         self.exporter_endpoint = traces.endpoint
-        self.engine = RuleEngine(self.store.cursor, new_kinds(), state, self.telemetry,
+        self.workers: list[PeriodicWorker] = [w for w in (self.checkpointer, self.retention, self.outbox, self.metrics,
+                                                          self.alertmanager) if w is not None]
+        for worker in self.workers:  # a failing round is logged under the component and counted
+            worker.report_to(self.telemetry, self.log.bind(component=worker.name))
+        self.self_group = self_group(config.self_monitoring)
+        kinds = new_kinds()
+        if self.self_group is not None:
+            kinds[SELF_KIND] = self._self_check_kind()
+        self.engine = RuleEngine(self.store.cursor, kinds, state, self.telemetry,
                                  log=self.log.bind(component="rules"), max_catch_up=DEFAULT_MAX_CATCH_UP,
                                  group_deadline=True)
         self.scheduler = GroupScheduler(self.engine, self.clock, self.telemetry,
@@ -146,26 +157,54 @@ class Daemon:
                                     "retention, reused before the file grows).")
         self.telemetry.add_collector(lambda: free.set(store_free_bytes(self.store)))
 
+    def _self_check_kind(self) -> SelfCheckKind:
+        """The self checks, looking at this daemon's components (evaluator/rules/kinds/selfcheck.py)."""
+        settings = self.config.self_monitoring
+        probes = Probes(
+            clock=self.clock, telemetry=self.telemetry, health=lambda: self.engine.health,
+            rules=lambda: self.engine.ruleset.rules(), workers=self.worker_statuses,
+            retention=lambda: RetentionView(self.retention.settings.enabled, self.retention.spans_seconds,
+                                            self.retention.kept_ranges))
+        # a slot is the present while the scheduler may still be evaluating it (its interval plus the evaluation
+        # delay after it), with an interval to spare
+        present = 2 * settings.interval_seconds + DEFAULT_EVALUATION_DELAY
+        return SelfCheckKind(probes, window=settings.interval_seconds,
+                             outbox_max_age=settings.outbox_max_age_seconds, present=present)
+
+    def worker_statuses(self) -> list[WorkerStatus]:
+        """Every background thread: the periodic workers and the span writer."""
+        return [w.status() for w in self.workers] + [self.writer.status()]
+
     def evaluate_now(self, at: float | None = None) -> dict[str, Any]:
         """Admin POST /evaluate: every rule group at the clock's time now (or `at`). Serialized per group with the
         scheduler's own runs, never at a time before the group's last evaluation (GroupScheduler.evaluate_now)."""
-        why = self._not_ready_reason()
+        why = self._not_running_reason()
         if why is not None:
             raise RuntimeError(why)
         return self.scheduler.evaluate_all_now(at)
 
-    def _not_ready_reason(self) -> str | None:
+    def _not_running_reason(self) -> str | None:
         if not self._ready:
             return "starting or stopping"
         if not self.store.running:
             return "store closed"
         return None
 
+    def _not_ready_reason(self) -> str | None:
+        """/readyz: None when ready; else why not, naming each background worker that cannot go on (its thread
+        ended, or its last rounds all failed: evaluator/worker.py)."""
+        why = self._not_running_reason()
+        if why is not None:
+            return why
+        problems = [f"{s.name} {s.problem}" for s in self.worker_statuses() if s.problem is not None]
+        return "; ".join(problems) or None
+
     def start(self) -> None:
         """Start everything or, if a part fails, stop what started and raise."""
         with self._lock:
             ruleset = load_rules(list(self.config.rules)) if self.config.rules else RuleSet()
             self._fit_retention(ruleset)  # InvalidConfig: an explicit span retention deletes what a rule reads
+            ruleset = with_self_group(ruleset, self.self_group)
             self.engine.load(ruleset)
             try:
                 self.store.start()
@@ -234,6 +273,7 @@ class Daemon:
         try:
             ruleset = load_rules(list(self.config.rules)) if self.config.rules else RuleSet()
             self._fit_retention(ruleset)
+            ruleset = with_self_group(ruleset, self.self_group)
         except InvalidConfig as exc:
             self.log.error("rule reload refused: the running rules stay",
                            problems=[str(p) for p in exc.problems])

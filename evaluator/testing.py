@@ -18,10 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
+from evaluator.admin.client import AdminClient
 from evaluator.admin.server import AdminSettings
 from evaluator.config import Config
 from evaluator.receiver.grpc_server import GrpcSettings
 from evaluator.receiver.http_server import HttpSettings
+from evaluator.selfmon import SelfMonitoringSettings
 from evaluator.store.store import StoreSettings
 
 
@@ -46,13 +48,15 @@ class FakeClock:
 
 
 def loopback_config(db_path: str | Path, **changes: Any) -> Config:
-    """A Config on free loopback ports (port 0) with the given DuckDB file."""
+    """A Config on free loopback ports (port 0) with the given DuckDB file. Self-monitoring is off unless
+    `self_monitoring=` turns it on: a test counts the alerts its own data causes, not the daemon's Watchdog."""
     cfg = Config(
         store=StoreSettings(path=str(db_path)),
         grpc=GrpcSettings(listen="127.0.0.1:0"),
         http=HttpSettings(listen="127.0.0.1:0"),
         admin=AdminSettings(listen="127.0.0.1:0"),
         shutdown_grace_seconds=5.0,
+        self_monitoring=SelfMonitoringSettings(enabled=False),
     )
     return replace(cfg, **changes)
 
@@ -111,6 +115,23 @@ class DaemonProcess:
     def metrics(self) -> str:
         with urllib.request.urlopen(self.admin_url + "/metrics", timeout=5) as resp:
             return str(resp.read().decode())
+
+    def admin(self, timeout: float = 60.0) -> AdminClient:
+        """A client of this daemon's admin endpoint."""
+        return AdminClient(self.admin_url, timeout=timeout)
+
+    def evaluate(self, at: float | None = None) -> dict[str, Any]:
+        """POST /evaluate: every rule group now, or at `at` (unix seconds); the daemon's answer (groups,
+        transitions, unhealthy rules)."""
+        answer: dict[str, Any] = self.admin().post_json("/evaluate", {} if at is None else {"at": at})
+        return answer
+
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        """POST /query: the rows of one read-only statement as {column: value}, values as the endpoint's JSON has
+        them (TIMESTAMP as ISO-8601 text, JSON columns as text)."""
+        answer = self.admin().post_json("/query", {"sql": sql, "format": "json"})
+        names = [c["name"] for c in answer["columns"]]
+        return [dict(zip(names, row, strict=True)) for row in answer["rows"]]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None

@@ -134,7 +134,7 @@ def alertmanager(tmp_path: Path) -> Iterator[Alertmanager]:
 def daemon(tmp_path: Path, alertmanager: Alertmanager) -> Iterator[DaemonProcess]:
     (tmp_path / "l.rules.yaml").write_text(RULES)
     config = tmp_path / "evaluator.yaml"
-    config.write_text(f"rules: [l.rules.yaml]\n"
+    config.write_text(f"rules: [l.rules.yaml]\nself_monitoring:\n  enabled: false\n"
                       f"alertmanager:\n  url: {alertmanager.url}\n  resend_interval: {RESEND}s\n  max_backoff: 2s\n")
     with daemon_process(["--config", str(config), "--db", str(tmp_path / "ev.duckdb"), "--grpc-listen",
                          "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]) as proc:

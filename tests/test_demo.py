@@ -119,7 +119,9 @@ def test_demo_against_a_running_daemon(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_says_plainly_when_the_running_daemon_has_no_payments_rules(tmp_path: Path) -> None:
-    with daemon_process(PORTS, cwd=str(tmp_path)) as proc:
+    config = tmp_path / "evaluator.yaml"
+    config.write_text("self_monitoring:\n  enabled: false\n")  # no group at all, not even the daemon's own
+    with daemon_process(["--config", str(config), *PORTS], cwd=str(tmp_path)) as proc:
         result = _cli("demo", "--admin", proc.admin_url, "--endpoint", proc.grpc_endpoint)
         assert proc.stop() == 0
     assert result.returncode == 1

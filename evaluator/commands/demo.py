@@ -108,7 +108,10 @@ def _with_own_daemon(args: argparse.Namespace, out: TextIO, err: TextIO, t0: flo
     else:
         workdir = Path(tempfile.mkdtemp(prefix="otel-evaluator-demo-"))
     db = workdir / "evaluator.duckdb"
-    daemon = DaemonProcess(["--db", str(db), *(a for r in rules for a in ("--rules", r)), *PORTS], cwd=str(workdir))
+    config = workdir / "demo.config.yaml"  # a throwaway daemon: its own Watchdog would only crowd the story
+    config.write_text("self_monitoring:\n  enabled: false\n")
+    daemon = DaemonProcess(["--config", str(config), "--db", str(db), *(a for r in rules for a in ("--rules", r)),
+                            *PORTS], cwd=str(workdir))
     # The demo's alerts stay in the demo: no OTLP alert export to wherever this shell's variables point.
     daemon.env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     out.write("otel-evaluator demo: the payments feature pipeline, 14 healthy days and then the broken day\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,7 +53,9 @@ class GroupScheduler:
         self._last_slot: dict[str, float] = {}
         self._last_eval: dict[str, float] = {}  # the latest evaluation time per group, slot or on demand
         self._lock = threading.Lock()
-        self._eval_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)  # per group, see evaluate_now
+        # per scheduled group, see evaluate_now; made under _lock (a plain dict read and filled by the APScheduler
+        # threads, admin requests and reloads), never for a name that is not scheduled (no growth from requests)
+        self._eval_locks: dict[str, threading.Lock] = {}
         self._missed = telemetry.counter("rule_group_missed_slots_total",
                                          "Evaluation slots whose scheduled run did not happen (an evaluation overran, "
                                          "or the daemon was down); they are judged by the next evaluation.",
@@ -63,9 +64,22 @@ class GroupScheduler:
                                            "Group evaluations that failed as a whole (e.g. the store).", ("group",))
 
     # -- the job body (called by APScheduler; tests call it directly with a fake clock) -------------------------
+    def _eval_lock(self, name: str) -> threading.Lock | None:
+        """The evaluation lock of a scheduled group (None when no group of that name is scheduled)."""
+        with self._lock:
+            if name not in self._groups:
+                return None
+            lock = self._eval_locks.get(name)
+            if lock is None:
+                lock = self._eval_locks[name] = threading.Lock()
+            return lock
+
     def run_slot(self, name: str) -> float | None:
         """Evaluate the group for the current slot, unless that slot was already evaluated. Returns the slot."""
-        with self._eval_locks[name]:
+        eval_lock = self._eval_lock(name)
+        if eval_lock is None:
+            return None
+        with eval_lock:
             with self._lock:
                 group = self._groups.get(name)
                 if group is None:
@@ -94,7 +108,10 @@ class GroupScheduler:
         """Evaluate the group now (the clock's time, or `at` when given, or the group's last evaluation time if
         that is later). Waits for a scheduled evaluation of the group in progress. None if no such group is
         scheduled; an evaluation that fails raises."""
-        with self._eval_locks[name]:
+        eval_lock = self._eval_lock(name)
+        if eval_lock is None:
+            return None
+        with eval_lock:
             with self._lock:
                 group = self._groups.get(name)
                 if group is None:
@@ -115,8 +132,9 @@ class GroupScheduler:
             if done is None:
                 continue  # removed by a reload meanwhile
             ts, events = done
-            groups.append({"name": name, "evaluated_at": _iso(ts), "rules": len(self._groups[name].rules)
-                           if name in self._groups else None})
+            with self._lock:
+                group = self._groups.get(name)
+            groups.append({"name": name, "evaluated_at": _iso(ts), "rules": len(group.rules) if group else None})
             transitions.extend(transition_record(ev) for ev in events)
         unhealthy = {k: v for k, v in self._engine.health.items() if v}
         return {"groups": groups, "transitions": transitions, "unhealthy": unhealthy}

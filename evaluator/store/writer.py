@@ -5,6 +5,10 @@ inserts it in one transaction, commits (DuckDB fsyncs its WAL on commit), and on
 an Export is answered OK only once its spans are durable. While one commit runs, the next group accumulates:
 under load the cost of a commit is shared by many requests.
 
+Fairness: batches wait in one queue per client and are taken round-robin (up to max_group_spans), so one
+client's backlog never puts another's batch behind several commits; and the batches of light clients in a group
+are committed first, on their own, so a small request waits for a small commit rather than for a flood's.
+
 Idempotence: collectors retry, so (trace_id, span_id) arrives twice. A duplicate is a resend of the same span,
 so it has the same start time; the insert anti-joins the batch against stored spans whose start time lies within
 the batch's own start-time range. Zone maps on `spans.start_time` prune the scan to recent row groups, so the
@@ -15,9 +19,9 @@ grows with the table, plus its memory).
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 
 import duckdb
@@ -27,6 +31,7 @@ import structlog
 from evaluator.receiver.columns import SpanColumns
 from evaluator.store.store import Store
 from evaluator.telemetry import Telemetry
+from evaluator.worker import WorkerStatus, error_text, worker_errors
 
 
 class WriterClosed(Exception):
@@ -47,12 +52,74 @@ RETURNING span_key
 
 
 class _Item:
-    __slots__ = ("batch", "future", "received_us")
+    __slots__ = ("batch", "client", "future", "received_us")
 
-    def __init__(self, batch: SpanColumns, received_us: int) -> None:
+    def __init__(self, batch: SpanColumns, received_us: int, client: str = "") -> None:
         self.batch = batch
         self.received_us = received_us
+        self.client = client
         self.future: Future[None] = Future()
+
+
+class _FairQueue:
+    """The batches waiting to commit, one FIFO per client, taken round-robin into groups.
+
+    With one FIFO for all, a client that keeps many big batches queued puts everyone else behind them (and, past
+    max_group_spans, behind several commits). Round-robin puts every client's oldest batch into the next group.
+    With a single client (or all batches from client ""), it is the plain FIFO it replaces."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[_Item]] = {}  # insertion order is the round-robin order
+        self._closed = False
+
+    def put(self, item: _Item | None) -> None:
+        """Queue a batch; None closes the queue (what is queued is still taken)."""
+        with self._cond:
+            if item is None:
+                self._closed = True
+            else:
+                self._queues.setdefault(item.client, deque()).append(item)
+            self._cond.notify()
+
+    def take(self, max_spans: int) -> list[_Item] | None:
+        """Wait for batches; then a group of at least one, one batch per client per pass, until max_spans spans
+        or the queue is empty. None once closed and empty. A client served in a pass moves to the back of the
+        order, so when max_spans cuts a pass short the next group starts with the clients it left out."""
+        with self._cond:
+            while not self._queues:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            group: list[_Item] = []
+            spans = 0
+            while self._queues and (not group or spans < max_spans):
+                for client in list(self._queues):
+                    if group and spans >= max_spans:
+                        break
+                    fifo = self._queues.pop(client)
+                    item = fifo.popleft()
+                    group.append(item)
+                    spans += len(item.batch)
+                    if fifo:
+                        self._queues[client] = fifo  # to the back
+            return group
+
+
+def light_first(group: list[_Item]) -> list[list[_Item]]:
+    """The group as commits: the batches of light clients (under half an equal share of the group's spans) in a
+    commit of their own before the rest, so that one small request waits for a small commit rather than for the
+    flood's. One commit when the group is from one client, or from clients that are all about as heavy."""
+    per_client: dict[str, int] = {}
+    for item in group:
+        per_client[item.client] = per_client.get(item.client, 0) + len(item.batch)
+    if len(per_client) < 2:
+        return [group]
+    light_under = sum(per_client.values()) / (2 * len(per_client))
+    light = [item for item in group if per_client[item.client] < light_under]
+    if not light or len(light) == len(group):
+        return [group]
+    return [light, [item for item in group if per_client[item.client] >= light_under]]
 
 
 class SpanWriter:
@@ -67,7 +134,7 @@ class SpanWriter:
         self._store = store
         self._max_group = max_group_spans
         self._log = log or structlog.get_logger("writer")
-        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._queue = _FairQueue()
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._state_lock = threading.Lock()
@@ -78,6 +145,11 @@ class SpanWriter:
         self._commit_seconds = telemetry.counter("store_commit_seconds_total", "Time spent in group commits.")
         self._failures = telemetry.counter("store_write_failures_total", "Group commits that failed.")
         self._rows = telemetry.counter("rows_stored_total", "Rows committed, by table.", ("table",))
+        self._errors = worker_errors(telemetry)
+        self._guard = threading.Lock()  # the failure figures, read by status() from other threads
+        self._round_failures = 0
+        self._consecutive = 0
+        self._last_error: str | None = None
 
     def start(self) -> None:
         with self._state_lock:
@@ -89,7 +161,7 @@ class SpanWriter:
             finally:
                 cur.close()
             self._next_key = int(row[0]) + 1 if row else 1
-            self._queue = queue.Queue()
+            self._queue = _FairQueue()
             self._thread = threading.Thread(target=self._run, name="span-writer", daemon=True)
             self._accepting = True
             self._thread.start()
@@ -106,38 +178,62 @@ class SpanWriter:
         if thread.is_alive():
             self._log.error("span writer did not stop in time", timeout=timeout)
 
-    def submit(self, batch: SpanColumns, received_us: int) -> Future[None]:
-        item = _Item(batch, received_us)
+    def submit(self, batch: SpanColumns, received_us: int, client: str = "") -> Future[None]:
+        """Queue a batch for the next group commit. client: who sent it; batches are taken round-robin across
+        clients and light clients' batches are committed first (_FairQueue, light_first)."""
+        item = _Item(batch, received_us, client)
         with self._state_lock:
             if not self._accepting:
                 raise WriterClosed("the store is shutting down")
             self._queue.put(item)
         return item.future
 
+    def status(self) -> WorkerStatus:
+        """The writer thread as a background worker (/readyz, self-monitoring): running, alive, failed rounds."""
+        thread = self._thread
+        with self._guard:
+            return WorkerStatus("span-writer", thread is not None, thread is not None and thread.is_alive(),
+                                self._round_failures, self._consecutive, self._last_error)
+
     # -- writer thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._write_loop()
+        except BaseException as exc:  # the thread ends: said, so that status() and /readyz can tell why
+            with self._guard:
+                self._last_error = error_text(exc)
+            self._log.error("span writer stopped", error=error_text(exc))
+            raise
+
+    def _write_loop(self) -> None:
         cur = self._store.cursor()
         try:
-            stop = False
-            while not stop:
-                first = self._queue.get()
-                if first is None:
-                    break
-                group = [first]
-                spans = len(first.batch)
-                while spans < self._max_group:
+            while (taken := self._queue.take(self._max_group)) is not None:
+                for group in light_first(taken):
                     try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    group.append(nxt)
-                    spans += len(nxt.batch)
-                self._commit(cur, group)
+                        self._commit(cur, group)
+                    except Exception as exc:  # not the commit (handled there): preparing the group
+                        self._round_failed(group, exc)
+                    else:
+                        with self._guard:
+                            self._consecutive = 0
         finally:
             cur.close()
+
+    def _round_failed(self, group: list[_Item], exc: Exception) -> None:
+        """An unexpected failure outside the commit: the group's requests are answered with it (retryable as a
+        store failure), the round is counted and logged, and the thread goes on with the next group."""
+        with self._guard:
+            self._round_failures += 1
+            self._consecutive += 1
+            self._last_error = error_text(exc)
+        self._errors.inc(worker="span-writer")
+        self._failures.inc()
+        self._log.error("span writer round failed; it goes on", error=error_text(exc), requests=len(group),
+                        exc_info=exc)
+        for item in group:
+            if not item.future.done():
+                item.future.set_exception(exc)
 
     def _commit(self, cur: duckdb.DuckDBPyConnection, group: list[_Item]) -> None:
         t0 = time.perf_counter()
