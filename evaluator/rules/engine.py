@@ -198,6 +198,12 @@ class RuleEngine:
             t0 = time.perf_counter()
             rules = list(group.rules)
             prior = self.state.load(rules)
+            # never before what was judged already (a restarted scheduler's first slot can be earlier than the last
+            # on-demand evaluation): runs that ended in between would be passed over
+            floor = max((p.judged_to for p in prior.values() if p.judged_to is not None), default=-math.inf)
+            times = [t for t in times if t >= floor]
+            if not times:
+                return []
             self._deadline = time.monotonic() + group.interval if self._group_deadline and len(times) == 1 else None
             judged, errors, durations = self._judge(group, rules, prior, times, slot_interval or group.interval)
             statuses, events, records = self._fold(group, rules, prior, judged, errors, durations, times)
@@ -265,6 +271,7 @@ class RuleEngine:
             for slot in slots:
                 wanted[slot].append(rule)
         priors = {r.id: _prior(prior[r.id]) for r in batch}
+        series_known = {r.id: set(prior[r.id].states) for r in batch}
         for slot in sorted(wanted):
             todo = [r for r in wanted[slot] if r.id not in errors]
             if not todo:
@@ -276,7 +283,15 @@ class RuleEngine:
                     errors[rule.id] = str(outcome or "the kind returned no result for this rule")
                     continue
                 j = judged[rule.id]
+                seen = {s.series for s in outcome.samples}
+                silent = set() if getattr(kind, "changes_only", False) else series_known[rule.id] - seen
+                for key in sorted(silent):  # known, but this judgement says nothing of it
+                    j.samples.append(Sample(key, slot, None, None, None, None, None, (),
+                                                "no longer judged: the rule's data has nothing for this series "
+                                                "now (no row from the query, no values or predictions in the "
+                                                "window)", "no_longer_seen"))
                 j.samples.extend(outcome.samples)
+                series_known[rule.id] |= seen
                 j.records.extend(outcome.records)
                 if outcome.memory:
                     j.memory.update(outcome.memory)
@@ -357,14 +372,17 @@ class RuleEngine:
                 if s.violated is None:
                     self._nodata.inc(rule_id=rule.id, reason=s.reason or "other")
         states: dict[str, dict[SeriesKey, SeriesState]] = {r.id: dict(prior[r.id].states) for r in ok}
-        pending: dict[str, dict[SeriesKey, list[Sample]]] = {}
+        queues: dict[str, dict[SeriesKey, list[Sample]]] = {}
         for rule in ok:
             by_series: dict[SeriesKey, list[Sample]] = defaultdict(list)
             for s in sorted(judged[rule.id].samples, key=lambda x: (x.at, x.run_key or 0)):
                 by_series[s.series].append(s)
-            pending[rule.id] = by_series
+            queues[rule.id] = by_series
             for key in by_series:
                 states[rule.id].setdefault(key, SeriesState(series=key))
+        # per rule and series, the position of the next judgement not folded yet; the series time can change
+        heads: dict[str, dict[SeriesKey, int]] = {r.id: dict.fromkeys(queues[r.id], 0) for r in ok}
+        sensitive = {r.id: {k for k, st in states[r.id].items() if _time_sensitive(r, st)} for r in ok}
         events: list[AlertEvent] = []
         # who has been told: whether each series' firing episode was sent; kept apart from the fold, which may
         # resolve and clear a series within one step before the step's events are looked at
@@ -373,30 +391,31 @@ class RuleEngine:
             last = i == len(times) - 1
             step_events: list[AlertEvent] = []
             for rule in ok:
-                known = prior[rule.id].states if prior[rule.id].judged_to is not None else {}
-                new_after = judged[rule.id].report_after
-                for key, series_samples in pending[rule.id].items():
-                    report_after = -math.inf if key in known else new_after
-                    n = 0
+                rid = rule.id
+                known = prior[rid].states if prior[rid].judged_to is not None else {}
+                new_after = judged[rid].report_after
+                due = [k for k, n in heads[rid].items()
+                       if n < len(queues[rid][k]) and (last or queues[rid][k][n].at <= t)]
+                for key in set(due) | sensitive[rid]:
+                    series_samples = queues[rid].get(key, [])
+                    start = n = heads[rid].get(key, 0)
                     while n < len(series_samples) and (last or series_samples[n].at <= t):
                         n += 1
-                    todo, pending[rule.id][key] = series_samples[:n], series_samples[n:]
-                    st = states[rule.id][key]
-                    if not todo and not _time_sensitive(rule, st):
-                        continue
-                    step = Step(st, t)
-                    for sample in todo:
+                    if key in heads[rid]:
+                        heads[rid][key] = n
+                    step = Step(states[rid][key], t)
+                    for sample in series_samples[start:n]:
                         apply_sample(step, rule, sample)
                     advance(step, rule, t)
-                    states[rule.id][key] = step.state
+                    states[rid][key] = step.state
+                    if _time_sensitive(rule, step.state):
+                        sensitive[rid].add(key)
+                    else:
+                        sensitive[rid].discard(key)
+                    report_after = -math.inf if key in known else new_after
                     step_events.extend(self._event(rule, tr) for tr in step.transitions if tr.at > report_after)
-                for key, st in states[rule.id].items():
-                    if key not in pending[rule.id] and _time_sensitive(rule, st):
-                        step = Step(st, t)
-                        advance(step, rule, t)
-                        states[rule.id][key] = step.state
-                        step_events.extend(self._event(rule, tr) for tr in step.transitions)
-            events.extend(self._inhibit(group, ok, states, step_events, t, told))
+            if step_events or i == 0 or last or any(sensitive.values()):
+                events.extend(self._inhibit(group, ok, states, step_events, t, told))
         statuses: list[RuleStatus] = []
         records: list[Record] = []
         for rule in rules:

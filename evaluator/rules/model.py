@@ -139,7 +139,7 @@ class Rule:
     source: str = ""  # file:line of the rule
     budget: float | None = None  # seconds an evaluation of this rule may take (None: the group's, else the default)
 
-    @property
+    @cached_property
     def id(self) -> str:
         return f"{self.group}/{self.name}"
 
@@ -263,7 +263,9 @@ class RuleKind(Protocol):
 
     timeline: str
     # batched (default True): rules are passed together so a kind can share queries; a kind that answers rule by
-    # rule says False, and the engine calls it one rule at a time (each within its own time budget)
+    # rule says False, and the engine calls it one rule at a time (each within its own time budget).
+    # changes_only (default False): a series a judgement does not mention keeps its state (the self-checks, which
+    # say what changed in the running process); otherwise it is judged "no data: no longer judged"
 
     def evaluate(self, rules: list[Rule], ts: float, cur: duckdb.DuckDBPyConnection,
                  prior: Mapping[str, RulePrior]) -> dict[str, list[Sample] | KindResult | RuleError]: ...
