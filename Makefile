@@ -50,6 +50,9 @@ bench: install-test
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/rules.py
+	$(BIN)/python bench/replay.py
+	$(BIN)/python bench/eval_speed.py
+	$(BIN)/python bench/baseline_noise.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
