@@ -28,7 +28,7 @@ import duckdb
 import pyarrow as pa
 import structlog
 
-from evaluator.receiver.columns import SpanColumns
+from evaluator.store.columns import SpanColumns
 from evaluator.store.store import Store
 from evaluator.telemetry import Telemetry
 from evaluator.worker import WorkerStatus, error_text, worker_errors
