@@ -66,6 +66,15 @@ def parse_size(value: object) -> int:
 
 
 @dataclass(frozen=True)
+class EvaluationSettings:
+    """How the daemon evaluates rule groups (docs/rules.md, "One evaluation semantics" and "Blast radius")."""
+
+    delay: float = 30.0  # a slot is evaluated this long after it starts, so late-arriving spans are in
+    max_catch_up: int = 1440  # slots judged at most per rule and evaluation after downtime
+    budget: float = 30.0  # the default time budget of a rule's evaluation (a rule's or group's `budget` wins)
+
+
+@dataclass(frozen=True)
 class Config:
     store: StoreSettings = field(default_factory=StoreSettings)
     max_group_spans: int = 50_000
@@ -83,7 +92,9 @@ class Config:
     alertmanager: AlertmanagerSettings = field(default_factory=AlertmanagerSettings)
     auth: AuthSettings | None = None  # bearer tokens required on all three servers (probes excepted)
     self_monitoring: SelfMonitoringSettings = field(default_factory=SelfMonitoringSettings)  # evaluator/selfmon.py
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     source: str = "(embedded defaults)"
+
 
 
 def _read_size(node: Node | None, key: str, problems: Problems) -> int | None:
@@ -211,6 +222,26 @@ def _read_external_url(node: Node | None, problems: Problems) -> str | None:
     return url.strip().rstrip("/")
 
 
+def _read_evaluation(node: Node, base: EvaluationSettings, problems: Problems) -> EvaluationSettings:
+    """evaluation: delay, max_catch_up, budget."""
+    check_keys(node, {"delay", "max_catch_up", "budget"}, problems, "evaluation")
+    changes: dict[str, Any] = {}
+    delay = read_duration(node.get("delay"), "evaluation.delay", problems)
+    if delay is not None and delay < 0:
+        problems.add(node.get("delay"), "evaluation.delay", "must not be negative")
+    elif delay is not None:
+        changes["delay"] = delay
+    budget = read_duration(node.get("budget"), "evaluation.budget", problems)
+    if budget is not None and budget <= 0:
+        problems.add(node.get("budget"), "evaluation.budget", "must be above 0")
+    elif budget is not None:
+        changes["budget"] = budget
+    catch_up = read_int(node.get("max_catch_up"), "evaluation.max_catch_up", problems, minimum=1)
+    if catch_up is not None:
+        changes["max_catch_up"] = catch_up
+    return replace(base, **changes)
+
+
 def _read_self_monitoring(node: Node, base: SelfMonitoringSettings, problems: Problems) -> SelfMonitoringSettings:
     """self_monitoring: the daemon's own alerts (evaluator/selfmon.py)."""
     where = "self_monitoring"
@@ -264,7 +295,7 @@ def config_from_node(root: Node, problems: Problems) -> Config:
         problems.add(root, "", "the config file must be a mapping")
         return cfg
     check_keys(root, {"store", "receivers", "admin", "log", "shutdown_grace", "rules", "exporter", "alertmanager",
-                      "auth", "self_monitoring"}, problems, "")
+                      "auth", "self_monitoring", "evaluation"}, problems, "")
     config_dir = os.path.dirname(os.path.abspath(root.file))  # TLS and token files are relative to it
     cfg = replace(cfg, auth=read_auth(root.get("auth"), problems, base=config_dir))
     am = read_map(root.get("alertmanager"), "alertmanager", problems)
@@ -437,6 +468,10 @@ def config_from_node(root: Node, problems: Problems) -> Config:
     self_monitoring = read_map(root.get("self_monitoring"), "self_monitoring", problems)
     if self_monitoring is not None:
         cfg = replace(cfg, self_monitoring=_read_self_monitoring(self_monitoring, cfg.self_monitoring, problems))
+
+    evaluation = read_map(root.get("evaluation"), "evaluation", problems)
+    if evaluation is not None:
+        cfg = replace(cfg, evaluation=_read_evaluation(evaluation, cfg.evaluation, problems))
 
     grace = read_duration(root.get("shutdown_grace"), "shutdown_grace", problems)
     if grace is not None:

@@ -33,7 +33,7 @@ from evaluator.receiver.grpc_server import GrpcReceiver
 from evaluator.receiver.http_server import HttpReceiver
 from evaluator.receiver.ingest import Ingestor
 from evaluator.rules.backends import DuckDBState, OutboxEncoder
-from evaluator.rules.engine import DEFAULT_MAX_CATCH_UP, RuleEngine
+from evaluator.rules.engine import RuleEngine
 from evaluator.rules.kinds import new_kinds
 from evaluator.rules.kinds.selfcheck import SELF_KIND, Probes, RetentionView, SelfCheckKind
 from evaluator.rules.loader import load_rules
@@ -145,10 +145,12 @@ class Daemon:
         if self.self_group is not None:
             kinds[SELF_KIND] = self._self_check_kind()
         self.engine = RuleEngine(self.store.cursor, kinds, state, self.telemetry,
-                                 log=self.log.bind(component="rules"), max_catch_up=DEFAULT_MAX_CATCH_UP,
-                                 group_deadline=True)
+                                 log=self.log.bind(component="rules"),
+                                 max_catch_up=config.evaluation.max_catch_up,
+                                 default_budget=config.evaluation.budget, group_deadline=True)
         self.scheduler = GroupScheduler(self.engine, self.clock, self.telemetry,
-                                        log=self.log.bind(component="scheduler"))
+                                        log=self.log.bind(component="scheduler"),
+                                        evaluation_delay=config.evaluation.delay)
         self._ready = False
         self._lock = threading.Lock()
         size = self.telemetry.gauge("store_size_bytes", "Bytes of the DuckDB file and its WAL.")

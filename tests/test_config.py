@@ -137,3 +137,27 @@ def test_config_messages_show_yaml_values(tmp_path: Path) -> None:
                              (6, "receivers.grpc.listen", "must be a string, got [a, 1]")):
         assert f"{path}:{line}: {key}: {shown}" in text, text
     assert "Node(" not in text
+
+
+def test_the_evaluation_section_reaches_the_engine_and_the_scheduler(tmp_path: Path) -> None:
+    from evaluator.daemon import Daemon
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"store: {{path: {tmp_path / 'ev.duckdb'}}}\nevaluation:\n  delay: 5s\n  max_catch_up: 10\n"
+                    "  budget: 2m\n")
+    cfg = load_config(str(path))
+    assert (cfg.evaluation.delay, cfg.evaluation.max_catch_up, cfg.evaluation.budget) == (5.0, 10, 120.0)
+    daemon = Daemon(cfg)
+    assert daemon.scheduler._delay == 5.0 and daemon.engine._max_catch_up == 10
+    assert daemon.engine._default_budget == 120.0
+
+
+def test_bad_evaluation_values_are_all_reported(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("evaluation:\n  delay: -1s\n  max_catch_up: 0\n  budget: 0s\n  colour: red\n")
+    with pytest.raises(InvalidConfig) as err:
+        load_config(str(path))
+    text = str(err.value)
+    for line, key in ((2, "evaluation.delay"), (3, "evaluation.max_catch_up"), (4, "evaluation.budget"),
+                      (5, "evaluation.colour")):
+        assert f"{path}:{line}: {key}:" in text, text
