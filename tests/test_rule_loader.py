@@ -370,3 +370,18 @@ def test_no_message_shows_internal_objects(tmp_path: Path) -> None:
     assert not shown, "\n".join(shown[:20])
     assert any("got [0.01, 0.02]" in m for m in messages) and any("got 2018-01-01" in m for m in messages)
     assert any("got null" in m for m in messages) and any("got true" in m for m in messages)
+
+
+def test_a_test_file_series_that_is_a_list_says_so_in_yaml_terms(tmp_path: Path) -> None:
+    from evaluator.commands.ruletest import parse_test_file
+    from evaluator.yamlsrc import InvalidConfig
+
+    path = tmp_path / "t.test.yaml"
+    path.write_text("rule_files: [r.yaml]\ntests:\n  - name: t\n    start: 2026-11-01T00:00:00Z\n    input_runs:\n"
+                    "      - values: {data.x: [1, 2]}\n    alert_rule_test: []\n")
+    try:
+        parse_test_file(str(path))
+        raise AssertionError("a list is not a series")
+    except InvalidConfig as exc:
+        text = str(exc)
+    assert "values.data.x: must be a series in the notation" in text and "Node(" not in text

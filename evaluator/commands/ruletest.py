@@ -176,6 +176,10 @@ def _parse_test(t: Node, where: str, problems: Problems) -> RuleTest | None:
             problems.add(r, f"{w}.values", "missing: attribute -> series, e.g. data.row_count: '100x6 80'")
         else:
             for key, child in vnode.value.items():
+                if isinstance(child.value, list | dict) or child.value is None:
+                    problems.add(child, f"{w}.values.{key}",
+                                 "must be a series in the notation '1 2 _ 3x2 10+5x3' (a string or a number)")
+                    continue
                 try:
                     values[key] = expand_series(child.value)
                 except ValueError as exc:
