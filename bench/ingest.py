@@ -73,6 +73,7 @@ def client_main(endpoint: str, requests: int, threads: int, compression: bool, c
     next_index = [0]
     retries = [0]
     errors: list[str] = []
+    latencies: list[float] = []  # seconds from the first send of a request to its acknowledgement
 
     def worker() -> None:
         options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
@@ -86,9 +87,12 @@ def client_main(endpoint: str, requests: int, threads: int, compression: bool, c
                     next_index[0] += 1
                 if i >= len(payloads):
                     return
+                sent = time.perf_counter()
                 while True:
                     try:
                         call(payloads[i], timeout=60)
+                        with lock:
+                            latencies.append(time.perf_counter() - sent)
                         break
                     except grpc.RpcError as err:
                         if err.code() == grpc.StatusCode.UNAVAILABLE:
@@ -108,8 +112,11 @@ def client_main(endpoint: str, requests: int, threads: int, compression: bool, c
     for t in ts:
         t.join()
     elapsed = time.perf_counter() - t0
+    ordered = sorted(latencies) or [float("nan")]
     conn.send({"elapsed": elapsed, "retries": retries[0], "errors": errors[:5],  # type: ignore[attr-defined]
-               "bytes_per_request": len(payloads[0])})
+               "bytes_per_request": len(payloads[0]),
+               "ack_p50": ordered[len(ordered) // 2],
+               "ack_p99": ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)]})
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -131,6 +138,8 @@ def main() -> int:
     parser.add_argument("--gzip", action="store_true", help="gzip-compress requests, as Collectors do")
     parser.add_argument("--db", help="DuckDB file (default: a temp dir)")
     parser.add_argument("--config", help="a config file for the daemon (e.g. to compare receivers.limits off)")
+    parser.add_argument("--rules", help="rule files for the daemon (e.g. bench/heavy.rules.yaml: ingest while a rule "
+                                        "runs over its time budget)")
     args = parser.parse_args()
 
     from evaluator.testing import DaemonProcess
@@ -139,8 +148,8 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="bench-ingest-")
     db = args.db or os.path.join(workdir, "bench.duckdb")
     daemon = DaemonProcess(["--db", db, "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-                            "--admin-listen", "127.0.0.1:0", *(["--config", args.config] if args.config else [])
-                            ]).start()
+                            "--admin-listen", "127.0.0.1:0", *(["--config", args.config] if args.config else []),
+                            *(["--rules", args.rules] if args.rules else [])]).start()
     assert daemon.proc is not None
     pid = daemon.proc.pid
     parent, child = mp.Pipe()
@@ -188,6 +197,9 @@ def main() -> int:
         "server_peak_rss_mib": round(peak),
         "group_commits": int(commits),
         "mean_spans_per_commit": round(spans / commits) if commits == commits and commits else None,
+        "ack_p50_ms": round(result["ack_p50"] * 1000, 1),
+        "ack_p99_ms": round(result["ack_p99"] * 1000, 1),
+        "rules": args.rules,
         "overload_retries": result["retries"],
         "errors": result["errors"],
         "request_bytes": result["bytes_per_request"],
