@@ -104,3 +104,17 @@ def test_a_resolve_judged_with_later_slots_in_one_evaluation_is_sent(store: Stor
     assert (fired.transition.to_state, fired.inhibited) == ("firing", False)
     (resolved,) = engine.evaluate_group(group, [TS + 180])  # slots TS+60 (resolved), +120, +180 (inactive)
     assert (resolved.transition.to_state, resolved.transition.at, resolved.inhibited) == ("resolved", TS + 60, False)
+
+
+def test_a_rule_whose_result_would_not_fit_is_refused_not_held(store: Store) -> None:
+    """The memory side of a rule's budget: a query returning more series than a rule may hold is unhealthy with
+    the reason, and the group goes on."""
+    from evaluator.rules.kinds import sql
+
+    wide = f"SELECT i::VARCHAR AS k, 1.0 AS value FROM range({sql.MAX_SERIES + 1}) t(i)"
+    group = RuleGroup("g", 60.0, (_sql("Wide", wide), _sql("Fast", "SELECT 5.0 AS value")))
+    engine = RuleEngine(store.cursor, new_kinds(), MemoryState())
+    engine.load(RuleSet((group,)))
+    engine.evaluate_group(group, [TS])
+    assert "returns more than 100000 rows (series)" in (engine.health["g/Wide"] or "")
+    assert engine.health["g/Fast"] is None

@@ -33,6 +33,7 @@ WRITING = ("INSERT", "DELETE", "UPDATE", "MERGE", "COPY", "CREATE", "DROP", "ALT
 # table functions a SELECT may call that change the database or its settings rather than read it
 SIDE_EFFECTS = ("CHECKPOINT", "LOGGING", "PROFILING", "EXTERNAL_RESOURCE", "EXECUTE_SERIALIZED_SQL")
 EPOCH = datetime(1970, 1, 1)
+MAX_SERIES = 100_000  # rows a query may return: the memory side of a rule's budget (DuckDB's is store.memory_limit)
 
 
 def ts_param(ts: float) -> datetime:
@@ -156,10 +157,13 @@ class SqlKind:
         query, uses_ts = self._check(cur, rule, params)
         try:
             cur.execute(query, params if uses_ts else None)
-            rows = cur.fetchall()
+            rows = cur.fetchmany(MAX_SERIES + 1)  # what comes back to Python is bounded: a series per row
             description = cur.description or []
         except duckdb.Error as exc:
             raise RuleError(f"{rule.id}: the query failed: {exc}") from None
+        if len(rows) > MAX_SERIES:
+            raise RuleError(f"{rule.id}: the query returns more than {MAX_SERIES} rows (series); a rule's result is "
+                            "held in memory: aggregate it, or split the rule")
         names = [d[0] for d in description]
         vi, label_cols = result_columns(rule.id, description)
         samples: list[Sample] = []
