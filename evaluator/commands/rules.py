@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from typing import Any, TextIO
 
@@ -189,26 +190,36 @@ def replay(db: str, rules: list[str], start: float, end: float, step: str | None
 
 
 def run_tests(paths: list[str], out: TextIO, err: TextIO) -> int:
-    """`otel-evaluator test`: exit 0 all passed, 1 a test failed or a file is invalid."""
+    """`otel-evaluator test`: exit 0 all passed, 1 a test failed or a file is invalid.
+
+    Each test has its own store and engine, so the tests of a file run on threads, one per core (DuckDB releases
+    the GIL while it works); results are printed in the file's order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from evaluator.commands.ruletest import parse_test_file, run_test
 
+    def one(test: Any, ruleset: RuleSet, interval: float) -> list[str]:
+        with tempfile.TemporaryDirectory(prefix="otel-evaluator-test-") as workdir:
+            return run_test(test, ruleset, interval, workdir)
+
     failed = passed = 0
-    for path in paths:
-        try:
-            tf = parse_test_file(path)
-            ruleset = load_rules(tf.rule_files)
-        except InvalidConfig as exc:
-            err.write(f"{path}: invalid:\n" + "".join(f"  {p}\n" for p in exc.problems))
-            failed += 1
-            continue
-        for test in tf.tests:
-            with tempfile.TemporaryDirectory(prefix="otel-evaluator-test-") as workdir:
-                failures = run_test(test, ruleset, tf.interval, workdir)
-            if failures:
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for path in paths:
+            try:
+                tf = parse_test_file(path)
+                ruleset = load_rules(tf.rule_files)
+            except InvalidConfig as exc:
+                err.write(f"{path}: invalid:\n" + "".join(f"  {p}\n" for p in exc.problems))
                 failed += 1
-                out.write(f"FAIL {path}: {test.name}\n" + "".join(f"  {f}\n" for f in failures))
-            else:
-                passed += 1
-                out.write(f"ok   {path}: {test.name}\n")
+                continue
+            runs = [(test, pool.submit(one, test, ruleset, tf.interval)) for test in tf.tests]
+            for test, future in runs:
+                failures = future.result()
+                if failures:
+                    failed += 1
+                    out.write(f"FAIL {path}: {test.name}\n" + "".join(f"  {f}\n" for f in failures))
+                else:
+                    passed += 1
+                    out.write(f"ok   {path}: {test.name}\n")
     out.write(f"{passed} passed, {failed} failed\n")
     return EXIT_PROBLEMS if failed else EXIT_OK
